@@ -1,0 +1,104 @@
+"""What every command shares: one-line usage errors (exit 2), progress on stderr, quiet TensorFlow.
+
+Nothing here imports TensorFlow, so a command checks its arguments in a fraction of a second.
+"""
+import argparse
+import os
+import sys
+import time
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A problem the user can fix (bad flag, missing path, data and model that disagree)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line naming the fix, exit status 2."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(EXIT_USAGE)
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be greater than 0")
+    return value
+
+
+def nonnegative_float(text):
+    value = float(text) if _is_float(text) else None
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number, 0 or more")
+    return value
+
+
+def _is_float(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def main_guard(prog, run, args):
+    """Run `run(args)`; a UsageError or Ctrl-C ends in one line on stderr, not a traceback."""
+    try:
+        return run(args)
+    except UsageError as e:
+        sys.stderr.write(f"{prog}: error: {e}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\n{prog}: interrupted; finished work is kept, run the same command to go on\n")
+        return 130
+
+
+def quiet_tensorflow():
+    """Keep TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) off the terminal."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+class Progress:
+    """A one-line progress bar on stderr: count, rate and time left; plain lines when not a terminal."""
+
+    def __init__(self, total, label, stream=sys.stderr, every=2.0):
+        self.total, self.label, self.stream = total, label, stream
+        self.done = 0
+        self.start = self.last = time.time()
+        self.tty = stream.isatty()
+        self.every = 0.2 if self.tty else every
+
+    def update(self, n=1, note=""):
+        self.done += n
+        now = time.time()
+        if now - self.last >= self.every or self.done >= self.total:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            left = (self.total - self.done) / rate if rate > 0 else 0
+            width = 24
+            filled = int(width * self.done / max(self.total, 1))
+            line = (f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                    f"{rate:.1f}/s, {left:.0f} s left {note}")
+            self.stream.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
+            self.stream.flush()
+
+    def close(self):
+        if self.tty:
+            self.stream.write("\n")
+        self.stream.flush()

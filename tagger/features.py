@@ -1,0 +1,165 @@
+"""The audio front end as Keras layers: polyphase resampling and a librosa-exact log-mel spectrogram.
+
+Both layers are pure TensorFlow at call time (their constants are built with numpy once, at
+construction), so they run on the accelerator inside the model and travel with a SavedModel that
+loads without tagger, numpy tricks or tensorflow-io.
+"""
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def kaiser_lowpass(num_taps, cutoff, beta=5.0):
+    """`scipy.signal.firwin(num_taps, cutoff, window=('kaiser', beta))`, cutoff relative to Nyquist."""
+    m = np.arange(num_taps) - (num_taps - 1) / 2.0
+    h = cutoff * np.sinc(cutoff * m) * np.kaiser(num_taps, beta)
+    return h / h.sum()  # unit gain at DC, as firwin's scale=True
+
+
+def polyphase_kernel(up, down):
+    """The filter of `scipy.signal.resample_poly(x, up, down)` laid out as one strided convolution.
+
+    Returns (kernel [taps, 1, up], n_pre_remove): output phase r of the upsampled-and-filtered
+    signal is `conv1d(x_padded, kernel[..., r], stride=down)`, x left-padded by `taps_per_phase - 1`
+    zeros; interleaving the phases and dropping the first `n_pre_remove` samples gives scipy's output.
+    """
+    max_rate = max(up, down)
+    half_len = 10 * max_rate
+    h = kaiser_lowpass(2 * half_len + 1, 1.0 / max_rate) * up
+    n_pre_pad = down - half_len % down
+    n_pre_remove = (half_len + n_pre_pad) // down
+    h = np.concatenate([np.zeros(n_pre_pad), h])
+    taps_per_phase = -(-len(h) // up)
+    h = np.concatenate([h, np.zeros(taps_per_phase * up - len(h))])
+    shifts = [(down * r) // up for r in range(up)]
+    width = taps_per_phase + max(shifts)
+    kernel = np.zeros((width, 1, up))
+    for r in range(up):
+        phase = h[(down * r) % up::up][:taps_per_phase]
+        # y_r[q] = sum_j phase[j] * x[down*q + shift - j]: a correlation with the reversed phase.
+        kernel[shifts[r]:shifts[r] + taps_per_phase, 0, r] = phase[::-1]
+    return kernel, n_pre_remove, taps_per_phase
+
+
+@keras.saving.register_keras_serializable(package="tagger")
+class Resample(keras.layers.Layer):
+    """Rational-rate resampling along the last axis, equal to `scipy.signal.resample_poly`.
+
+    Input (..., samples) float32; output (..., ceil(samples * up / down)).
+    """
+
+    def __init__(self, input_rate=16000, output_rate=12000, **kwargs):
+        super().__init__(**kwargs)
+        self.input_rate = int(input_rate)
+        self.output_rate = int(output_rate)
+        g = math.gcd(self.input_rate, self.output_rate)
+        self.up, self.down = self.output_rate // g, self.input_rate // g
+        kernel, self.n_pre_remove, taps = polyphase_kernel(self.up, self.down)
+        self.left_pad = taps - 1
+        self.width = kernel.shape[0]
+        self.kernel = tf.constant(kernel, tf.float32)
+
+    def output_length(self, n_in):
+        return -(-n_in * self.up // self.down)
+
+    def compute_output_shape(self, input_shape):
+        n = input_shape[-1]
+        return (*input_shape[:-1], None if n is None else self.output_length(n))
+
+    def call(self, x):
+        if self.up == self.down:
+            return x
+        shape = tf.shape(x)
+        n_in = shape[-1]
+        flat = tf.reshape(x, [-1, n_in])
+        n_out = (n_in * self.up + self.down - 1) // self.down
+        per_phase = (self.n_pre_remove + n_out + self.up - 1) // self.up
+        right_pad = tf.maximum(self.down * (per_phase - 1) + self.width - n_in - self.left_pad, 0)
+        padded = tf.pad(flat, [[0, 0], [self.left_pad, right_pad]])
+        y = tf.nn.conv1d(padded[:, :, None], self.kernel, stride=self.down, padding="VALID")
+        y = tf.reshape(y[:, :per_phase, :], [tf.shape(flat)[0], per_phase * self.up])
+        y = y[:, self.n_pre_remove:self.n_pre_remove + n_out]
+        return tf.reshape(y, tf.concat([shape[:-1], [n_out]], 0))
+
+    def get_config(self):
+        return {**super().get_config(), "input_rate": self.input_rate, "output_rate": self.output_rate}
+
+
+def hz_to_mel(f):
+    """Slaney's mel scale (librosa's default, htk=False): linear below 1 kHz, logarithmic above."""
+    f = np.asarray(f, dtype=np.float64)
+    f_sp = 200.0 / 3
+    min_log_hz, logstep = 1000.0, np.log(6.4) / 27.0
+    mel = f / f_sp
+    return np.where(f >= min_log_hz, min_log_hz / f_sp + np.log(np.maximum(f, 1e-10) / min_log_hz) / logstep, mel)
+
+
+def mel_to_hz(m):
+    m = np.asarray(m, dtype=np.float64)
+    f_sp = 200.0 / 3
+    min_log_hz, logstep = 1000.0, np.log(6.4) / 27.0
+    min_log_mel = min_log_hz / f_sp
+    return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), f_sp * m)
+
+
+def slaney_mel_matrix(sample_rate, fft_length, num_mel_bins, fmin=0.0, fmax=None):
+    """`librosa.filters.mel(..., htk=False, norm='slaney')`: triangles on the Slaney scale, area-normalised.
+
+    Returns [fft_length // 2 + 1, num_mel_bins] float64.
+    """
+    fmax = sample_rate / 2.0 if fmax is None else fmax
+    fft_freqs = np.fft.rfftfreq(fft_length, 1.0 / sample_rate)
+    mel_freqs = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), num_mel_bins + 2))
+    fdiff = np.diff(mel_freqs)
+    ramps = mel_freqs[:, None] - fft_freqs[None, :]
+    lower = -ramps[:-2] / fdiff[:-1, None]
+    upper = ramps[2:] / fdiff[1:, None]
+    weights = np.maximum(0, np.minimum(lower, upper))
+    weights *= (2.0 / (mel_freqs[2:num_mel_bins + 2] - mel_freqs[:num_mel_bins]))[:, None]
+    return weights.T
+
+
+@keras.saving.register_keras_serializable(package="tagger")
+class LogMelSpectrogram(keras.layers.Layer):
+    """Log-power mel spectrogram in dB, equal to librosa's defaults.
+
+    `librosa.power_to_db(librosa.feature.melspectrogram(y, sr, n_fft, hop_length, n_mels),
+    ref=1.0, amin=1e-10, top_db=None)`: centred frames with zero padding, periodic Hann window,
+    power 2, Slaney mel filters. Input (batch, samples); output (batch, num_mel_bins, frames) with
+    frames = 1 + samples // sequence_stride.
+    """
+
+    def __init__(self, sample_rate=12000, fft_length=512, sequence_stride=256, num_mel_bins=96,
+                 amin=1e-10, **kwargs):
+        super().__init__(**kwargs)
+        self.sample_rate = int(sample_rate)
+        self.fft_length = int(fft_length)
+        self.sequence_stride = int(sequence_stride)
+        self.num_mel_bins = int(num_mel_bins)
+        self.amin = float(amin)
+        self.mel_matrix = tf.constant(
+            slaney_mel_matrix(self.sample_rate, self.fft_length, self.num_mel_bins), tf.float32)
+
+    def num_frames(self, samples):
+        return 1 + samples // self.sequence_stride
+
+    def compute_output_shape(self, input_shape):
+        n = input_shape[-1]
+        return (input_shape[0], self.num_mel_bins, None if n is None else self.num_frames(n))
+
+    def call(self, x):
+        half = self.fft_length // 2
+        x = tf.pad(x, [[0, 0], [half, half]])  # zero padding, as librosa's center=True
+        stft = tf.signal.stft(x, frame_length=self.fft_length, frame_step=self.sequence_stride,
+                              fft_length=self.fft_length,
+                              window_fn=lambda n, dtype: tf.signal.hann_window(n, periodic=True, dtype=dtype))
+        power = tf.math.square(tf.math.real(stft)) + tf.math.square(tf.math.imag(stft))
+        mel = tf.einsum("btf,fm->bmt", power, self.mel_matrix)
+        return 10.0 * tf.math.log(tf.maximum(mel, self.amin)) / math.log(10.0)
+
+    def get_config(self):
+        return {**super().get_config(), "sample_rate": self.sample_rate, "fft_length": self.fft_length,
+                "sequence_stride": self.sequence_stride, "num_mel_bins": self.num_mel_bins,
+                "amin": self.amin}

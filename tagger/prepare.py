@@ -1,0 +1,347 @@
+"""Convert audio into sharded TFRecords: MagnaTagATune, the synthetic demo, or your own CSV.
+
+    python -m tagger.prepare --source mtat --mtat-dir DIR --out tfrecords/mtat [--split folder|clean]
+    python -m tagger.prepare --source mtat --mtat-dir DIR --out tfrecords/mtat --plan
+    python -m tagger.prepare --source demo --out tfrecords/demo [--seed S]
+    python -m tagger.prepare --source csv --csv FILE --audio-root DIR --out tfrecords/NAME
+
+Writes `<split>-NNNNN-of-NNNNN.tfrecord` shards, `tags.json` and `manifest.json` under --out. Each
+shard's clips are fixed by the plan, and a shard is written under a temporary name and renamed when
+complete, so running the same command again after an interruption finishes the job.
+"""
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from collections import Counter
+
+from tagger import mtat
+from tagger.cli import (EXIT_OK, EXIT_USAGE, ArgumentParser, Progress, UsageError, main_guard,
+                        nonnegative_float, positive_float, positive_int, quiet_tensorflow)
+
+PROG = "python -m tagger.prepare"
+SAMPLE_RATE = 16000
+MTAT_CLIP_SAMPLES = 466000          # 29.125 s at 16 kHz
+SETTINGS_FILE = "prepare_settings.json"
+PROGRESS_DIR = "progress"
+
+
+def parse_args(argv):
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    p.add_argument("--source", choices=("mtat", "demo", "csv"), default="mtat")
+    p.add_argument("--out", required=True, help="output folder (local path or gs://...)")
+    p.add_argument("--mtat-dir", help="the release: annotations_final.csv and part folders 0-f")
+    p.add_argument("--split", choices=mtat.SPLIT_RULES, default="folder",
+                   help="folder: every clip; clean: only clips with at least one of the tags")
+    p.add_argument("--csv", help="--source csv: a CSV with columns path, tags (';'-separated), [split]")
+    p.add_argument("--audio-root", help="--source csv: folder the CSV's paths are relative to")
+    p.add_argument("--clip-seconds", type=positive_float, help="clip length (mtat: 29.125, demo: 13.7)")
+    p.add_argument("--min-seconds", type=nonnegative_float,
+                   help="skip files shorter than this (default: 90%% of the clip)")
+    p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, help="decoder processes")
+    p.add_argument("--shard-mb", type=positive_float, help="target shard size (default 150, demo 16)")
+    p.add_argument("--top-tags", type=positive_int, default=50, help="number of output tags")
+    p.add_argument("--seed", type=int, default=0, help="demo audio and the csv source's random split")
+    p.add_argument("--plan", action="store_true", help="write plan.tsv and tags.json only; no audio read")
+    args = p.parse_args(argv)
+    if args.source == "mtat" and not args.mtat_dir:
+        p.error("--source mtat needs --mtat-dir DIR (the unzipped release with annotations_final.csv)")
+    if args.source == "csv" and not (args.csv and args.audio_root):
+        p.error("--source csv needs --csv FILE and --audio-root DIR")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Plans: which clips go into which split, with which labels
+
+def mtat_plan(annotations_path, split_rule, top_tags):
+    """{split: [(clip_id, path, [tag, ...])]} and the tag list, from an MTAT-format annotations file."""
+    if not os.path.isfile(annotations_path):
+        raise UsageError(f"no annotations file at {annotations_path}: point --mtat-dir at the unzipped "
+                         "release (annotations_final.csv beside the part folders 0-f)")
+    try:
+        columns, clips = mtat.load_annotations(annotations_path)
+    except (mtat.AnnotationError, UnicodeDecodeError) as e:
+        raise UsageError(f"{annotations_path} is not a MagnaTagATune annotations file: {e}") from None
+    tags = mtat.select_tags(columns, clips, top_tags)
+    splits = mtat.split_clips(clips, tags, split_rule)
+    wanted = set(tags)
+    return {s: [(c.clip_id, c.path, sorted(c.labels & wanted, key=tags.index)) for c in cs]
+            for s, cs in splits.items()}, tags
+
+
+def csv_plan(csv_path, seed, top_tags):
+    """{split: [...]} and tags from a user CSV: columns path, tags (';'-separated), optional split."""
+    import csv
+    if not os.path.isfile(csv_path):
+        raise UsageError(f"no CSV file at {csv_path}: pass --csv with a file of columns path,tags[,split]")
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"path", "tags"} <= set(reader.fieldnames):
+            raise UsageError(f"{csv_path} needs a header with columns path and tags (and optionally split)")
+        rows = list(reader)
+    if not rows:
+        raise UsageError(f"{csv_path} lists no files")
+    entries = []
+    for i, row in enumerate(rows, 1):
+        labels = [t.strip() for t in (row.get("tags") or "").split(";") if t.strip()]
+        split = (row.get("split") or "").strip()
+        if split and split not in mtat.SPLITS:
+            raise UsageError(f"{csv_path} line {i + 1}: split {split!r} must be train, valid or test")
+        entries.append((i, row["path"].strip(), labels, split))
+    counts = Counter(t for e in entries for t in e[2])
+    tags = sorted(counts, key=lambda t: (-counts[t], t))[:top_tags]
+    rng = random.Random(seed)
+    plan = {s: [] for s in mtat.SPLITS}
+    for clip_id, path, labels, split in entries:
+        if not split:
+            r = rng.random()
+            split = "train" if r < 0.8 else "valid" if r < 0.9 else "test"
+        plan[split].append((clip_id, path, [t for t in tags if t in labels]))
+    return plan, tags
+
+
+def write_plan_tsv(path, plan):
+    with open(path, "w") as f:
+        f.write("split\tclip_id\tmp3_path\n")
+        for split in mtat.SPLITS:
+            for clip_id, rel, _ in plan[split]:
+                f.write(f"{split}\t{clip_id}\t{rel}\n")
+
+
+def shard_layout(plan, clip_samples, shard_mb):
+    """[(split, shard_name, [entries])]: contiguous runs of each split's clips, ~shard_mb each."""
+    per_shard = max(1, int(shard_mb * 1e6 // (2 * clip_samples + 200)))
+    shards = []
+    for split in mtat.SPLITS:
+        entries = plan[split]
+        count = max(1, -(-len(entries) // per_shard)) if entries else 0
+        for k in range(count):
+            part = entries[k * len(entries) // count:(k + 1) * len(entries) // count]
+            shards.append((split, f"{split}-{k:05d}-of-{count:05d}.tfrecord", part))
+    return shards
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversion
+
+def _example(tf, pcm, labels_multi_hot, clip_id, path):
+    feature = {
+        "audio": tf.train.Feature(bytes_list=tf.train.BytesList(value=[pcm.astype("<i2").tobytes()])),
+        "labels": tf.train.Feature(int64_list=tf.train.Int64List(value=labels_multi_hot)),
+        "clip_id": tf.train.Feature(int64_list=tf.train.Int64List(value=[clip_id])),
+        "path": tf.train.Feature(bytes_list=tf.train.BytesList(value=[path.encode()])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def _atomic_write_text(tf, path, text):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(text)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def convert(plan, tags, out, audio_root, settings, workers, shard_mb):
+    """Decode every planned clip in worker processes and write the shards that are not done yet.
+
+    Returns the manifest (also written to <out>/manifest.json).
+    """
+    quiet_tensorflow()
+    import tensorflow as tf
+    from tagger import audio
+    from tagger.pool import run_tasks
+
+    gfile = tf.io.gfile
+    clip_samples = settings["clip_samples"]
+    min_samples = settings["min_samples"]
+    shards = shard_layout(plan, clip_samples, shard_mb)
+    progress_dir = f"{out}/{PROGRESS_DIR}"
+    gfile.makedirs(progress_dir)
+    pending = [s for s in shards if not gfile.exists(f"{out}/{s[1]}")]
+    done_before = len(shards) - len(pending)
+    if done_before:
+        print(f"Resuming: {done_before} of {len(shards)} shards already written, {len(pending)} to go",
+              file=sys.stderr)
+    tag_index = {t: i for i, t in enumerate(tags)}
+
+    tasks, owners = [], []
+    for shard_no, (_, _, entries) in enumerate(pending):
+        for pos, (_, rel, _) in enumerate(entries):
+            tasks.append((os.path.join(audio_root, rel), clip_samples, min_samples))
+            owners.append((shard_no, pos))
+    results = [{} for _ in pending]
+    bar = Progress(len(tasks), "decoding")
+    for index, ok, value in run_tasks(audio.load_clip, tasks, workers):
+        shard_no, pos = owners[index]
+        results[shard_no][pos] = (ok, value)
+        bar.update()
+        split, name, entries = pending[shard_no]
+        if len(results[shard_no]) == len(entries):
+            _write_shard(tf, out, progress_dir, name, entries, results[shard_no], tag_index, tags)
+            results[shard_no] = None
+    bar.close()
+    return write_manifest(tf, out, shards, tags, settings)
+
+
+def _write_shard(tf, out, progress_dir, name, entries, results, tag_index, tags):
+    skipped, padded, counts, written = [], 0, Counter(), 0
+    tmp = f"{out}/{name}.tmp-{os.getpid()}"
+    with tf.io.TFRecordWriter(tmp) as writer:
+        for pos, (clip_id, rel, labels) in enumerate(entries):
+            ok, value = results[pos]
+            if not ok:
+                skipped.append({"path": rel, "reason": value})
+                continue
+            pcm, info = value
+            multi_hot = [0] * len(tags)
+            for t in labels:
+                multi_hot[tag_index[t]] = 1
+            writer.write(_example(tf, pcm, multi_hot, clip_id, rel))
+            counts.update(labels)
+            padded += info["padded"] > 0
+            written += 1
+    summary = {"clips": written, "skipped": skipped, "padded": padded, "tag_counts": dict(counts)}
+    # The summary first, then the shard: a shard that exists always has its summary.
+    _atomic_write_text(tf, f"{progress_dir}/{name}.json", json.dumps(summary))
+    tf.io.gfile.rename(tmp, f"{out}/{name}", overwrite=True)
+
+
+def write_manifest(tf, out, shards, tags, settings):
+    splits = {s: {"clips": 0, "shards": []} for s in mtat.SPLITS}
+    tag_counts = {s: {t: 0 for t in tags} for s in mtat.SPLITS}
+    skipped, padded = [], 0
+    for split, name, _ in shards:
+        with tf.io.gfile.GFile(f"{out}/{PROGRESS_DIR}/{name}.json") as f:
+            summary = json.load(f)
+        splits[split]["clips"] += summary["clips"]
+        splits[split]["shards"].append(name)
+        for t, n in summary["tag_counts"].items():
+            tag_counts[split][t] += n
+        skipped += summary["skipped"]
+        padded += summary["padded"]
+    manifest = {
+        "source": settings["source"], "split": settings["split"], "sample_rate": settings["sample_rate"],
+        "clip_samples": settings["clip_samples"], "tags": tags, "splits": splits, "padded": padded,
+        "skipped": skipped, "tag_counts": tag_counts, "min_samples": settings["min_samples"],
+        "annotations_sha256": settings["annotations_sha256"],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _atomic_write_text(tf, f"{out}/manifest.json", json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_settings(out, settings):
+    """Refuse to continue a folder that was started with other settings; record them otherwise."""
+    import tensorflow as tf
+    path = f"{out}/{SETTINGS_FILE}"
+    try:
+        tf.io.gfile.makedirs(out)
+    except tf.errors.OpError as e:
+        raise UsageError(f"cannot create the output folder {out} ({e.message}): choose a writable --out") from None
+    if tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as f:
+            before = json.load(f)
+        diff = [k for k in settings if before.get(k) != settings[k]]
+        if diff:
+            raise UsageError(f"{out} was prepared with other settings ({', '.join(diff)} differ): use a new "
+                             "--out folder, or delete this one to start over")
+        return
+    try:
+        _atomic_write_text(tf, path, json.dumps(settings, indent=1))
+    except tf.errors.OpError as e:
+        raise UsageError(f"cannot write to {out} ({e.message}): choose a writable --out") from None
+
+
+def prepare(args):
+    """Plan, then convert; returns the exit status."""
+    out = args.out.rstrip("/")
+    if args.source == "demo":
+        from tagger import demo
+        audio_root = f"{out}/source"
+        clip_samples = demo.CLIP_SAMPLES
+        if not os.path.isfile(f"{audio_root}/annotations_final.csv"):
+            total = sum(demo.DEFAULT_CLIPS_PER_PART.values())
+            print(f"Writing the synthetic demo release ({total} clips of {demo.CLIP_SECONDS} s) to {audio_root}",
+                  file=sys.stderr)
+            demo.write_demo(audio_root, args.seed, args.workers)
+        plan, tags = mtat_plan(f"{audio_root}/annotations_final.csv", args.split, args.top_tags)
+        annotations = f"{audio_root}/annotations_final.csv"
+    elif args.source == "mtat":
+        audio_root = args.mtat_dir
+        clip_samples = MTAT_CLIP_SAMPLES
+        annotations = os.path.join(audio_root, "annotations_final.csv")
+        plan, tags = mtat_plan(annotations, args.split, args.top_tags)
+    else:
+        audio_root = args.audio_root
+        clip_samples = MTAT_CLIP_SAMPLES
+        annotations = args.csv
+        plan, tags = csv_plan(args.csv, args.seed, args.top_tags)
+    if args.clip_seconds:
+        clip_samples = int(round(args.clip_seconds * SAMPLE_RATE))
+    min_samples = int(round(args.min_seconds * SAMPLE_RATE)) if args.min_seconds is not None \
+        else int(0.9 * clip_samples)
+    counts = {s: len(plan[s]) for s in mtat.SPLITS}
+    if not sum(counts.values()):
+        raise UsageError(f"no clips to convert in {annotations}: check the file, --split and --top-tags")
+    if not tags:
+        raise UsageError(f"{annotations} tags no clip: a tagger needs at least one tag")
+
+    if args.plan:
+        os.makedirs(out, exist_ok=True)
+        write_plan_tsv(f"{out}/plan.tsv", plan)
+        with open(f"{out}/tags.json", "w") as f:
+            json.dump(tags, f, indent=1)
+        print(f"Plan ({args.split} split, {len(tags)} tags): " +
+              ", ".join(f"{s} {n:,}" for s, n in counts.items()) + f" clips")
+        print(f"Wrote {out}/plan.tsv and {out}/tags.json")
+        return EXIT_OK
+
+    if args.source != "demo" and not os.path.isdir(audio_root):
+        raise UsageError(f"audio folder {audio_root} does not exist: point it at the folder holding the audio")
+    quiet_tensorflow()
+    import tensorflow as tf
+    settings = {"source": args.source, "split": args.split, "sample_rate": SAMPLE_RATE,
+                "clip_samples": clip_samples, "min_samples": min_samples, "tags": tags,
+                "annotations_sha256": _sha256(annotations),
+                "shard_mb": args.shard_mb or (16 if args.source == "demo" else 150)}
+    _check_settings(out, settings)
+    with tf.io.gfile.GFile(f"{out}/tags.json", "w") as f:
+        json.dump(tags, f, indent=1)
+    started = time.time()
+    manifest = convert(plan, tags, out, audio_root, settings, args.workers, settings["shard_mb"])
+    converted = sum(s["clips"] for s in manifest["splits"].values())
+    print(f"\nConverted {converted:,} clips in {time.time() - started:.0f} s to {out}/ ({len(tags)} tags):")
+    for split, info in manifest["splits"].items():
+        print(f"  {split:5s} {info['clips']:6,} clips in {len(info['shards'])} shards")
+    if manifest["padded"]:
+        print(f"  {manifest['padded']} clips were shorter than {clip_samples / SAMPLE_RATE} s and zero-padded")
+    if manifest["skipped"]:
+        print(f"  {len(manifest['skipped'])} files skipped (listed in manifest.json), e.g.:")
+        for s in manifest["skipped"][:5]:
+            print(f"    {s['path']}: {s['reason']}")
+    print(f"  wrote {out}/manifest.json and {out}/tags.json")
+    if not converted:
+        sys.stderr.write(f"{PROG}: error: none of the {len(manifest['skipped'])} files could be converted "
+                         "(reasons in manifest.json): check the audio folder\n")
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    return main_guard(PROG, prepare, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
