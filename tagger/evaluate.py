@@ -1,0 +1,157 @@
+"""Evaluation as the literature reports it: sklearn macro ROC-AUC and PR-AUC over tags, on the test split.
+
+    python -m tagger.evaluate --model saved_models/NAME [--data tfrecords/NAME] [--split test]
+
+Writes per-tag ROC-AUC / PR-AUC with each tag's train count (CSV), a per-tag bar chart (PNG, and a
+TensorBoard image when a log folder is given) and metrics.json. A tag with one class only in the
+split has no AUC: it is reported as null and left out of the macro averages, with a warning.
+"""
+import csv
+import io
+import json
+import os
+import sys
+import warnings
+
+import numpy as np
+
+from tagger.cli import (EXIT_OK, ArgumentParser, UsageError, main_guard, positive_int,
+                        quiet_tensorflow)
+
+PROG = "python -m tagger.evaluate"
+
+
+def tag_metrics(y_true, y_prob, tags):
+    """Macro ROC-AUC and PR-AUC (average precision) over the tags that have both classes.
+
+    Returns {"roc_auc", "pr_auc", "per_tag": {tag: {"roc_auc", "pr_auc", "positives"}},
+    "undefined": [tags]}.
+    """
+    from sklearn.metrics import average_precision_score, roc_auc_score
+    y_true = np.asarray(y_true)
+    y_prob = np.asarray(y_prob)
+    per_tag, undefined = {}, []
+    for i, tag in enumerate(tags):
+        positives = int(y_true[:, i].sum())
+        if 0 < positives < len(y_true):
+            roc = float(roc_auc_score(y_true[:, i], y_prob[:, i]))
+            pr = float(average_precision_score(y_true[:, i], y_prob[:, i]))
+        else:
+            roc = pr = None
+            undefined.append(tag)
+        per_tag[tag] = {"roc_auc": roc, "pr_auc": pr, "positives": positives}
+    if undefined:
+        warnings.warn(f"{len(undefined)} tag(s) have only one class in this split and no AUC; left out "
+                      f"of the macro averages: {', '.join(undefined)}", stacklevel=2)
+    defined = [m for m in per_tag.values() if m["roc_auc"] is not None]
+    mean = (lambda key: float(np.mean([m[key] for m in defined]))) if defined else (lambda key: None)
+    return {"roc_auc": mean("roc_auc"), "pr_auc": mean("pr_auc"), "per_tag": per_tag,
+            "undefined": undefined}
+
+
+def write_per_tag_csv(path, metrics, train_counts):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["tag", "roc_auc", "pr_auc", "test_positives", "train_count"])
+        for tag, m in metrics["per_tag"].items():
+            w.writerow([tag, "" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}",
+                        "" if m["pr_auc"] is None else f"{m['pr_auc']:.4f}", m["positives"],
+                        train_counts.get(tag, 0)])
+
+
+def per_tag_figure(metrics, train_counts, title):
+    """Per-tag ROC-AUC bars with each tag's train count on a second axis (the study's Fig. 5). PNG bytes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tags = list(metrics["per_tag"])
+    auc = [metrics["per_tag"][t]["roc_auc"] or 0.0 for t in tags]
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(tags) + 2), 4.2))
+    ax.bar(range(len(tags)), auc, color="tab:red", label="ROC-AUC")
+    ax.set_ylim(0.4, 1.0)
+    ax.set_ylabel("test ROC-AUC")
+    ax.set_xticks(range(len(tags)), tags, rotation=90, fontsize=8)
+    ax2 = ax.twinx()
+    ax2.plot(range(len(tags)), [train_counts.get(t, 0) for t in tags], "o-", color="tab:blue", ms=3,
+             label="train count")
+    ax2.set_ylabel("clips in train split")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(out_dir, metrics, train_counts, title, tensorboard_dir=None, step=0):
+    """per_tag.csv and per_tag.png under out_dir; the figure as a TensorBoard image too."""
+    os.makedirs(out_dir, exist_ok=True)
+    write_per_tag_csv(os.path.join(out_dir, "per_tag.csv"), metrics, train_counts)
+    png = per_tag_figure(metrics, train_counts, title)
+    with open(os.path.join(out_dir, "per_tag.png"), "wb") as f:
+        f.write(png)
+    if tensorboard_dir:
+        import tensorflow as tf
+        with tf.summary.create_file_writer(tensorboard_dir).as_default():
+            tf.summary.image("test/per_tag_roc_auc", tf.image.decode_png(png)[None], step=step)
+            tf.summary.scalar("test/roc_auc", metrics["roc_auc"] or 0.0, step=step)
+            tf.summary.scalar("test/pr_auc", metrics["pr_auc"] or 0.0, step=step)
+
+
+def predict_dataset(predict_batch, ds):
+    """Run `predict_batch(waves) -> probabilities` over a dataset of (waves, labels). Returns (y, p)."""
+    ys, ps = [], []
+    for waves, labels in ds:
+        ps.append(np.asarray(predict_batch(waves)))
+        ys.append(labels.numpy())
+    return np.concatenate(ys), np.concatenate(ps)
+
+
+def check_compatible(model_info, manifest, model_dir, data_dir):
+    """Refuse a model and data that disagree on tags, sample rate or clip length."""
+    for key, what in (("tags", "tags"), ("sample_rate", "sample rate"), ("clip_samples", "clip length")):
+        if model_info.get(key) != manifest.get(key):
+            raise UsageError(f"the model {model_dir} and the data {data_dir} disagree on {what}: evaluate "
+                             "a model on TFRecords prepared the way its training data was")
+
+
+def parse_args(argv):
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="an export folder under saved_models/")
+    p.add_argument("--data", help="TFRecords folder (default: the one the model was trained on)")
+    p.add_argument("--split", choices=("train", "valid", "test"), default="test")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--out", help="report folder (default: <model>/eval-<split>)")
+    return p.parse_args(argv)
+
+
+def run(args):
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise UsageError(f"{args.model} is not a tagger export (no config.json): pass a folder under saved_models/")
+    with open(os.path.join(args.model, "config.json")) as f:
+        config = json.load(f)
+    data_dir = args.data or config["data"]
+    quiet_tensorflow()
+    import tensorflow as tf
+    from tagger import data
+    manifest = data.load_manifest(data_dir)
+    check_compatible(config, manifest, args.model, data_dir)
+    serving = tf.saved_model.load(args.model).signatures["serving_default"]
+    ds = data.dataset(data_dir, args.split, "crnn", args.batch_size, manifest=manifest)
+    y, p = predict_dataset(lambda w: serving(waveform=w)["probabilities"], ds)
+    metrics = tag_metrics(y, p, manifest["tags"])
+    out = args.out or os.path.join(args.model, f"eval-{args.split}")
+    write_report(out, metrics, manifest["tag_counts"]["train"], f"{args.model} on {data_dir} ({args.split})")
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump({args.split: metrics, "data": data_dir, "model": args.model}, f, indent=1)
+    print(f"{args.split}: ROC-AUC {metrics['roc_auc']:.4f}  PR-AUC {metrics['pr_auc']:.4f}  ({len(y)} clips)")
+    print(f"Wrote {out}/metrics.json, per_tag.csv and per_tag.png")
+    return EXIT_OK
+
+
+def main(argv=None):
+    return main_guard(PROG, run, parse_args(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

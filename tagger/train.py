@@ -1,0 +1,294 @@
+"""Train the study's CNN or CRNN, evaluate it on the test split and export a SavedModel.
+
+    python -m tagger.train --arch crnn                      # the demo: tfrecords/demo, made if missing
+    python -m tagger.train --arch cnn --data tfrecords/mtat # the study's presets on MagnaTagATune
+
+Without --data the demo dataset and the demo's own settings are used (printed at the start);
+explicit flags override every preset. Killed at any moment, the same command resumes from the last
+completed epoch.
+"""
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from tagger.cli import (EXIT_FAILED, EXIT_OK, ArgumentParser, UsageError, main_guard, positive_float,
+                        positive_int, quiet_tensorflow)
+
+PROG = "python -m tagger.train"
+DEMO_DATA = "tfrecords/demo"
+
+# The study's settings (Dieleman & Schrauwen 2014 as replicated; Choi et al. 2017).
+STUDY = {
+    "cnn": dict(optimizer="sgd", lr=0.005, momentum=0.99, batch_size=10, epochs=20),
+    "crnn": dict(optimizer="adam", lr=1e-4, momentum=0.0, batch_size=16, epochs=20, bn_momentum=0.99),
+}
+# The demo's own settings: a few hundred short synthetic clips on a laptop CPU. Adam at 1e-3 and a
+# faster batch-norm average converge in the few hundred steps the demo affords.
+DEMO = {
+    "cnn": dict(optimizer="adam", lr=1e-3, epochs=40),
+    "crnn": dict(lr=1e-3, bn_momentum=0.9, epochs=8),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    arch: str
+    data: str
+    epochs: int
+    batch_size: int
+    optimizer: str
+    lr: float
+    momentum: float
+    seed: int = 0
+    length: int = 256           # CNN: strided convolution's filter length and stride
+    stride: int = 256
+    gru_units: int = 32         # CRNN
+    bn_momentum: float = 0.99   # CRNN
+    width: float = 1.0          # channel multiplier, < 1 for quick tests
+    restore_best: bool = False
+    shuffle_buffer: int = 512
+    run_name: str = ""
+    runs_dir: str = "runs"
+    models_dir: str = "saved_models"
+    demo: bool = False
+
+    def default_run_name(self):
+        data = os.path.basename(self.data.rstrip("/"))
+        shape = f"-l{self.length}s{self.stride}" if self.arch == "cnn" else f"-gru{self.gru_units}"
+        width = f"-w{self.width:g}" if self.width != 1 else ""
+        best = "-best" if self.restore_best else ""
+        return (f"{self.arch}{shape}{width}-{data}-{self.optimizer}-lr{self.lr:g}"
+                + (f"-m{self.momentum:g}" if self.optimizer == "sgd" else "")
+                + f"-b{self.batch_size}-e{self.epochs}-s{self.seed}{best}")
+
+
+def build_parser():
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    p.add_argument("--arch", choices=("cnn", "crnn"), default="crnn")
+    p.add_argument("--data", help=f"TFRecords folder from tagger.prepare (default: {DEMO_DATA}, created if missing)")
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--optimizer", choices=("sgd", "adam"))
+    p.add_argument("--lr", type=positive_float, help="learning rate")
+    p.add_argument("--momentum", type=float, help="SGD momentum, in [0, 1)")
+    p.add_argument("--length", type=positive_int, help="CNN: filter length of the strided convolution")
+    p.add_argument("--stride", type=positive_int, help="CNN: its stride")
+    p.add_argument("--gru-units", type=positive_int, help="CRNN: units of each GRU layer (default 32)")
+    p.add_argument("--bn-momentum", type=float, help="CRNN: batch-norm moving-average momentum")
+    p.add_argument("--width", type=positive_float, help="multiply channel counts (tests, quick checks)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-name", help="name under runs/ and saved_models/ (default: from the settings)")
+    p.add_argument("--restore-best", action="store_true", help="export the best val_auc epoch, not the last")
+    p.add_argument("--shuffle-buffer", type=positive_int, help="records in the shuffle buffer (default 512)")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--models-dir", default="saved_models")
+    return p
+
+
+def config_from_args(argv):
+    """Presets (study, then demo when --data is omitted), overridden by explicit flags."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.momentum is not None and not 0 <= args.momentum < 1:
+        parser.error(f"--momentum {args.momentum} must be in [0, 1)")
+    if args.bn_momentum is not None and not 0 <= args.bn_momentum < 1:
+        parser.error(f"--bn-momentum {args.bn_momentum} must be in [0, 1)")
+    if (args.length is None) != (args.stride is None):
+        parser.error("give --length and --stride together (the study's pairs: 1024/1024, 1024/512, "
+                     "512/512, 512/256, 256/256)")
+    demo = args.data is None
+    values = {**STUDY[args.arch], **(DEMO[args.arch] if demo else {})}
+    flags = {k: v for k, v in vars(args).items() if v is not None and k in {f.name for f in dataclasses.fields(Config)}}
+    values.update(flags)
+    values.update(arch=args.arch, data=args.data or DEMO_DATA, demo=demo)
+    if args.restore_best:
+        values["restore_best"] = True
+    config = Config(**values)
+    if not config.run_name:
+        config = dataclasses.replace(config, run_name=config.default_run_name())
+    if config.epochs < 1:
+        parser.error("--epochs must be at least 1")
+    return config
+
+
+# ----------------------------------------------------------------------------------------------
+
+def provenance(manifest_path):
+    """Library versions, git commit, data manifest hash: what config.json and metrics.json record."""
+    import hashlib
+
+    import keras
+    import numpy as np
+    import sklearn
+    import tensorflow as tf
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    with tf.io.gfile.GFile(manifest_path, "rb") as f:
+        manifest_sha = hashlib.sha256(f.read()).hexdigest()
+    return {"versions": {"python": platform.python_version(), "tensorflow": tf.__version__,
+                         "keras": keras.__version__, "numpy": np.__version__, "sklearn": sklearn.__version__},
+            "git_commit": commit, "manifest_sha256": manifest_sha, "machine": platform.machine()}
+
+
+def build_model(config, manifest):
+    from tagger import models
+    num_tags, clip = len(manifest["tags"]), manifest["clip_samples"]
+    if config.arch == "cnn":
+        sub = clip // 10
+        if models.cnn_frames(sub, config.length, config.stride) < 1:
+            raise UsageError(f"length {config.length} / stride {config.stride} does not fit sub-clips of "
+                             f"{sub / manifest['sample_rate']:.2f} s: the poolings leave no time step; use a "
+                             "smaller --length/--stride or longer clips")
+        return models.build_cnn(num_tags, sub, config.length, config.stride,
+                                filters=max(1, round(32 * config.width)),
+                                dense_units=max(1, round(100 * config.width)))
+    filters = tuple(max(1, round(f * config.width)) for f in (64, 128, 128, 128))
+    try:
+        return models.build_crnn(num_tags, clip, gru_units=config.gru_units, filters=filters,
+                                 bn_momentum=config.bn_momentum)
+    except ValueError as e:
+        raise UsageError(f"the CRNN does not fit clips of {clip} samples: {e}") from None
+
+
+def compile_model(model, config):
+    import keras
+    if config.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(config.lr, momentum=config.momentum)
+    else:
+        optimizer = keras.optimizers.Adam(config.lr)
+    model.compile(optimizer=optimizer, loss="binary_crossentropy",
+                  metrics=[keras.metrics.AUC(multi_label=True, curve="ROC", name="auc"),
+                           keras.metrics.AUC(multi_label=True, curve="PR", name="pr_auc")])
+    return model
+
+
+def ensure_demo_data(config):
+    if os.path.isfile(os.path.join(config.data, "manifest.json")):
+        return
+    from tagger import prepare
+    print(f"Creating the demo dataset in {config.data} (once)", file=sys.stderr)
+    status = prepare.main(["--source", "demo", "--out", config.data])
+    if status != EXIT_OK:
+        raise UsageError(f"could not create the demo dataset in {config.data}")
+
+
+def check_run_folder(run_dir, config):
+    """A run folder with another configuration is refused; the same one is resumed."""
+    import tensorflow as tf
+    path = f"{run_dir}/config.json"
+    if tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as f:
+            before = json.load(f).get("config", {})
+        mine = dataclasses.asdict(config)
+        diff = [k for k in mine if k not in ("runs_dir", "models_dir") and before.get(k) != mine[k]]
+        if diff:
+            raise UsageError(f"{run_dir} holds a run with other settings ({', '.join(diff)} differ): choose "
+                             "another --run-name")
+
+
+def run(config):
+    """Train, evaluate, export. Returns the exit status."""
+    started = time.time()
+    print(("Demo settings (no --data): " if config.demo else "Settings: ")
+          + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items()), file=sys.stderr)
+    if config.demo:
+        ensure_demo_data(config)
+    elif "://" not in config.data and not os.path.isfile(os.path.join(config.data, "manifest.json")):
+        raise UsageError(f"--data {config.data} is not a TFRecords folder from tagger.prepare (no "
+                         "manifest.json there): prepare it first, or check the path")
+    quiet_tensorflow()
+    import keras
+    import tensorflow as tf
+
+    from tagger import callbacks, data, evaluate, export
+
+    manifest = data.load_manifest(config.data)
+    run_dir = f"{config.runs_dir}/{config.run_name}"
+    check_run_folder(run_dir, config)
+    keras.utils.set_random_seed(config.seed)
+    model = compile_model(build_model(config, manifest), config)
+    info = {"config": dataclasses.asdict(config), "data_split": manifest["split"], "seed": config.seed,
+            "sample_rate": manifest["sample_rate"], "clip_samples": manifest["clip_samples"],
+            "tags": manifest["tags"], "data": config.data, "arch": config.arch,
+            **provenance(f"{config.data}/manifest.json")}
+    tf.io.gfile.makedirs(run_dir)
+    with tf.io.gfile.GFile(f"{run_dir}/config.json", "w") as f:
+        json.dump(info, f, indent=1)
+
+    layout = config.arch
+    train_ds = data.dataset(config.data, "train", layout, config.batch_size, manifest,
+                            shuffle_seed=config.seed, shuffle_buffer=config.shuffle_buffer)
+    valid_ds = data.dataset(config.data, "valid", layout, config.batch_size, manifest)
+    ckpt_dir = f"{run_dir}/checkpoint"
+    state = callbacks.read_state(ckpt_dir)
+    initial_epoch = 0
+    if state:
+        model.optimizer.build(model.trainable_variables)
+        callbacks.load_weights(model, f"{ckpt_dir}/{state['weights']}")
+        initial_epoch = state["epoch"]
+        print(f"Resuming from epoch {initial_epoch} of {config.epochs}", file=sys.stderr)
+    checkpoint = callbacks.EpochCheckpoint(ckpt_dir, state=state)
+    guard = callbacks.NanGuard(checkpoint)
+    fit_started = time.time()
+    if initial_epoch < config.epochs:
+        model.fit(train_ds, validation_data=valid_ds, epochs=config.epochs, initial_epoch=initial_epoch,
+                  verbose=1 if sys.stdout.isatty() else 2,
+                  callbacks=[keras.callbacks.TensorBoard(run_dir, update_freq="epoch", profile_batch=0),
+                             checkpoint, guard])
+    train_seconds = time.time() - fit_started + (state or {}).get("train_seconds", 0.0)
+    if guard.where:
+        epoch, batch = guard.where
+        last = checkpoint.history[-1]["epoch"] if checkpoint.history else 0
+        sys.stderr.write(f"{PROG}: error: the loss became NaN or infinite in epoch {epoch}, batch {batch}; "
+                         f"training stopped (last good checkpoint: epoch {last} in {ckpt_dir}). Try a lower "
+                         f"--lr (now {config.lr:g}).\n")
+        return EXIT_FAILED
+    if state is None or state["epoch"] < config.epochs:
+        # Record the time spent so far, so a resumed run reports its whole training time.
+        done = callbacks.read_state(ckpt_dir)
+        callbacks._atomic_json(f"{ckpt_dir}/{callbacks.STATE}", {**done, "train_seconds": train_seconds})
+    exported_epoch = config.epochs
+    if config.restore_best and checkpoint.best:
+        callbacks.load_weights(model, f"{ckpt_dir}/{checkpoint.best['weights']}")
+        exported_epoch = checkpoint.best["epoch"]
+
+    test_ds = data.dataset(config.data, "test", layout, config.batch_size, manifest)
+    y, p = evaluate.predict_dataset(lambda w: model(w, training=False), test_ds)
+    test = evaluate.tag_metrics(y, p, manifest["tags"])
+    evaluate.write_report(run_dir, test, manifest["tag_counts"]["train"],
+                          f"{config.run_name}: test ROC-AUC {test['roc_auc']:.4f}",
+                          tensorboard_dir=f"{run_dir}/test", step=config.epochs)
+    metrics = {"test": test, "epochs": config.epochs, "exported_epoch": exported_epoch,
+               "restore_best": config.restore_best, "train_seconds": round(train_seconds, 1),
+               "history": checkpoint.history, "test_clips": int(len(y)),
+               "seed": config.seed, "data_split": manifest["split"],
+               "manifest_sha256": info["manifest_sha256"], "git_commit": info["git_commit"],
+               "versions": info["versions"]}
+    with tf.io.gfile.GFile(f"{run_dir}/metrics.json", "w") as f:
+        json.dump(metrics, f, indent=1)
+    out = export.export(model, config.arch, f"{config.models_dir}/{config.run_name}", manifest["tags"],
+                        manifest["clip_samples"], {"config.json": info, "metrics.json": metrics})
+    print(f"\nTest ROC-AUC {test['roc_auc']:.4f}, PR-AUC {test['pr_auc']:.4f} on {len(y)} clips "
+          f"({config.arch}, epoch {exported_epoch} of {config.epochs}, {train_seconds:.0f} s training, "
+          f"{time.time() - started:.0f} s in all)")
+    print(f"  SavedModel, tags, config and metrics: {out}/")
+    print(f"  TensorBoard curves: tensorboard --logdir {run_dir}")
+    print(f"  per-tag table and chart: {run_dir}/per_tag.csv, {run_dir}/per_tag.png")
+    return EXIT_OK
+
+
+def main(argv=None):
+    config = config_from_args(sys.argv[1:] if argv is None else argv)
+    return main_guard(PROG, run, config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
