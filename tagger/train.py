@@ -197,13 +197,13 @@ def check_run_folder(run_dir, config):
 def run(config):
     """Train, evaluate, export. Returns the exit status."""
     started = time.time()
+    if not config.demo and "://" not in config.data and not os.path.isfile(os.path.join(config.data, "manifest.json")):
+        raise UsageError(f"--data {config.data} is not a TFRecords folder from tagger.prepare (no "
+                         "manifest.json there): prepare it first, or check the path")
     print(("Demo settings (no --data): " if config.demo else "Settings: ")
           + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items()), file=sys.stderr)
     if config.demo:
         ensure_demo_data(config)
-    elif "://" not in config.data and not os.path.isfile(os.path.join(config.data, "manifest.json")):
-        raise UsageError(f"--data {config.data} is not a TFRecords folder from tagger.prepare (no "
-                         "manifest.json there): prepare it first, or check the path")
     quiet_tensorflow()
     import keras
     import tensorflow as tf

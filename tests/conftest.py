@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny MTAT-layout release (from the demo generator) and its TFRecords."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_ANNOTATIONS = os.path.join(ROOT, "..", "shared", "mtat", "annotations_final.csv.gz")
+TINY_SECONDS = 4.0  # long enough for the CNN at 256/256 and the CRNN's poolings
+TINY_SAMPLES = int(TINY_SECONDS * 16000)
+TINY_PARTS = {**{p: 3 for p in "0123456789ab"}, "c": 6, **{p: 3 for p in "def"}}
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def run_cli(module, *args, cwd=ROOT, timeout=600, env=None):
+    """Run `python -m module args...` in a fresh process; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_release(tmp_path_factory):
+    from tagger import demo
+    root = tmp_path_factory.mktemp("tiny_release")
+    demo.write_demo(str(root), seed=3, workers=1, clips_per_part=TINY_PARTS, clip_samples=TINY_SAMPLES)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_records(tiny_release, tmp_path_factory):
+    from tagger import prepare
+    out = str(tmp_path_factory.mktemp("tiny_records") / "tiny")
+    status = prepare.main(["--source", "mtat", "--mtat-dir", tiny_release, "--out", out,
+                           "--clip-seconds", str(TINY_SECONDS), "--shard-mb", "0.5", "--workers", "2"])
+    assert status == 0
+    return out

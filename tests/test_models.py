@@ -1,0 +1,92 @@
+"""The two architectures: shapes, parameter counts worked out by hand, and overfitting one batch."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tagger.models import build_cnn, build_crnn, cnn_frames
+
+MTAT_SUB_CLIP = 46600     # 466,000 samples / 10 at 16 kHz -> 34,950 at 12 kHz
+MTAT_CLIP = 466000
+
+
+def _trainable(model):
+    return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+
+
+@pytest.mark.parametrize("length, stride, total", [
+    # 34,950 samples at 12 kHz; frames = (34950 - length) // stride + 1, then two poolings by 4.
+    # conv1 = length * 32 + 32; conv2 = conv3 = 8 * 32 * 32 + 32 = 8,224; out = 100 * 50 + 50 = 5,050
+    (256, 256, 8224 + 8224 + 8224 + (8 * 32 * 100 + 100) + 5050),     # 136 frames -> 34 -> 8: 55,422
+    (512, 256, 16416 + 8224 + 8224 + (8 * 32 * 100 + 100) + 5050),    # 135 -> 33 -> 8: 63,614
+    (1024, 512, 32800 + 8224 + 8224 + (4 * 32 * 100 + 100) + 5050),   # 67 -> 16 -> 4: 67,198
+    (1024, 1024, 32800 + 8224 + 8224 + (2 * 32 * 100 + 100) + 5050),  # 34 -> 8 -> 2: 60,798
+])
+def test_cnn_parameter_counts(length, stride, total):
+    assert total in (55422, 63614, 67198, 60798)
+    model = build_cnn(50, MTAT_SUB_CLIP, length, stride)
+    assert model.count_params() == total
+    assert model.input_shape == (None, 10, MTAT_SUB_CLIP)
+    assert model.output_shape == (None, 50)
+
+
+def test_cnn_sub_clip_shapes():
+    model = build_cnn(50, MTAT_SUB_CLIP)
+    assert model.get_layer("resample").output.shape[-1] == 34950
+    assert tuple(model.get_layer("strided_conv").output.shape[1:]) == (10, 136, 32)
+    assert tuple(model.get_layer("flatten").output.shape[1:]) == (10, 8 * 32)
+    assert cnn_frames(MTAT_SUB_CLIP, 256, 256) == 8
+
+
+def test_cnn_averages_its_sub_clips():
+    model = build_cnn(5, 6400, filters=4, dense_units=8)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 10, 6400)).astype(np.float32)
+    per_sub = keras.Model(model.input, model.get_layer("sub_clip_probabilities").output)(x).numpy()
+    np.testing.assert_allclose(model(x).numpy(), per_sub.mean(axis=1), atol=1e-6)
+
+
+def test_crnn_parameter_count_and_shapes():
+    model = build_crnn(50, MTAT_CLIP)
+    conv = 640 + 73856 + 147584 + 147584          # 3*3*in*out + out: 1->64, 64->128, 128->128, 128->128
+    bn = 4 * (64 + 128 + 128 + 128)                # gamma, beta, moving mean and variance
+    gru = 3 * (128 * 32 + 32 * 32 + 2 * 32) + 3 * (32 * 32 + 32 * 32 + 2 * 32)   # Keras reset_after: 15,552 + 6,336
+    dense = 32 * 50 + 50
+    assert conv + bn + gru + dense == 394994
+    assert model.count_params() == 394994
+    assert _trainable(model) == 394994 - 2 * (64 + 128 + 128 + 128)
+    assert tuple(model.get_layer("log_mel").output.shape[1:]) == (96, 1366)
+    assert tuple(model.get_layer("pad_time").output.shape[1:]) == (96, 1440, 1)
+    assert tuple(model.get_layer("to_sequence").output.shape[1:]) == (15, 128)
+    assert model.output_shape == (None, 50)
+
+
+def test_crnn_gru_units_flag():
+    model = build_crnn(50, MTAT_CLIP, gru_units=15)
+    gru = 3 * (128 * 15 + 15 * 15 + 2 * 15) + 3 * (15 * 15 + 15 * 15 + 2 * 15)
+    assert model.count_params() == 640 + 73856 + 147584 + 147584 + 4 * 448 + gru + 15 * 50 + 50
+
+
+def test_too_short_input_is_refused():
+    with pytest.raises(ValueError, match="too short"):
+        build_cnn(10, 10000, 1024, 1024)
+    with pytest.raises(ValueError, match="pool"):
+        build_crnn(10, 4000)
+
+
+@pytest.mark.parametrize("arch", ["cnn", "crnn"])
+def test_overfits_one_batch(arch):
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    if arch == "cnn":
+        model = build_cnn(6, 6400, filters=8, dense_units=32)
+        x = rng.uniform(-1, 1, (8, 10, 6400)).astype(np.float32)
+    else:
+        model = build_crnn(6, 64000, gru_units=16, filters=(8, 16, 16, 16), bn_momentum=0.5)
+        x = rng.uniform(-1, 1, (8, 64000)).astype(np.float32)
+    y = (rng.uniform(size=(8, 6)) < 0.5).astype(np.float32)
+    model.compile(keras.optimizers.Adam(3e-3), "binary_crossentropy")
+    first = model.evaluate(x, y, verbose=0)
+    batch = tf.data.Dataset.from_tensors((x, y)).repeat()
+    model.fit(batch, steps_per_epoch=250, epochs=1, verbose=0)
+    assert first > 0.5
+    assert model.evaluate(x, y, verbose=0) < 0.05

@@ -1,0 +1,233 @@
+"""The converter: TFRecord round trip, bad files, resuming, settings checks, --plan, the demo."""
+import glob
+import json
+import os
+import shutil
+import wave
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import ROOT, SHARED_ANNOTATIONS, TINY_SAMPLES, run_cli
+from tagger import data, demo, prepare
+from tagger.pool import run_tasks
+
+FIXTURE_MP3 = os.path.join(ROOT, "tests", "fixtures", "tone.mp3")
+CLIP_SECONDS = 2.0
+CLIP = 32000
+
+
+def _wav(path, x, rate=16000, channels=1):
+    pcm = np.asarray(x, "<i2")
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(channels)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(pcm.tobytes())
+
+
+def _release(root, files):
+    """An MTAT-format release: files {relative path: writer(path) or bytes}, tags rock/piano."""
+    rows = ['"clip_id"\t"rock"\t"piano"\t"mp3_path"']
+    for i, (rel, content) in enumerate(files.items(), 1):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if callable(content):
+            content(path)
+        else:
+            path.write_bytes(content)
+        rows.append(f'"{i}"\t"{i % 2}"\t"{int(i % 3 == 0)}"\t"{rel}"')
+    (root / "annotations_final.csv").write_bytes(("\r\n".join(rows) + "\r\n").encode())
+
+
+def _read_all(out):
+    manifest = data.load_manifest(str(out))
+    records = {}
+    for split in ("train", "valid", "test"):
+        for path in data.shard_paths(str(out), manifest, split):
+            for r in tf.data.TFRecordDataset(path):
+                pcm, labels, clip_id, rel = data.parse_example(r, len(manifest["tags"]))
+                assert int(clip_id) not in records, "a clip was written twice"
+                records[int(clip_id)] = (split, rel.numpy().decode(), pcm.numpy(), labels.numpy())
+    return manifest, records
+
+
+@pytest.fixture
+def messy_release(tmp_path):
+    rng = np.random.default_rng(1)
+    exact = rng.integers(-32768, 32767, CLIP, dtype=np.int16)
+    t = np.arange(int(44100 * 2.5)) / 44100
+    stereo = np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 660 * t)], 1) * 12000
+    good = {
+        "0/exact.wav": lambda p: _wav(p, exact),                                   # round trip target
+        "1/tone.mp3": open(FIXTURE_MP3, "rb").read(),                              # the committed mp3
+        "c/stereo44k.wav": lambda p: _wav(p, stereo.astype(np.int16).reshape(-1), 44100, channels=2),
+        "d/short-but-ok.wav": lambda p: _wav(p, exact[:int(CLIP * 0.95)]),         # padded
+        "e/long.wav": lambda p: _wav(p, np.tile(exact, 3)),                        # trimmed
+    }
+    bad = {
+        "2/empty.mp3": b"",
+        "3/corrupt.mp3": rng.bytes(5000),
+        "4/too-short.wav": lambda p: _wav(p, exact[:4000]),
+        "5/truncated.wav": lambda p: (_wav(p, exact), p.write_bytes(p.read_bytes()[:30])),
+        "f/not-audio.ogg": b"this is a text file, not audio\n" * 50,
+    }
+    _release(tmp_path / "release", {**good, **bad})
+    (tmp_path / "release" / "a").mkdir(exist_ok=True)
+    return tmp_path / "release", exact, good, bad
+
+
+def _prepare(release, out, *extra):
+    return prepare.main(["--source", "mtat", "--mtat-dir", str(release), "--out", str(out),
+                         "--clip-seconds", str(CLIP_SECONDS), "--workers", "2", *extra])
+
+
+def test_round_trip_and_bad_files(messy_release, tmp_path, capsys):
+    release, exact, good, bad = messy_release
+    assert _prepare(release, tmp_path / "out") == 0
+    manifest, records = _read_all(tmp_path / "out")
+    by_path = {r[1]: r for r in records.values()}
+    assert set(by_path) == set(good)
+    np.testing.assert_array_equal(by_path["0/exact.wav"][2], exact)            # bit for bit
+    np.testing.assert_array_equal(by_path["e/long.wav"][2], exact)             # trimmed to the clip
+    padded = by_path["d/short-but-ok.wav"][2]
+    assert len(padded) == CLIP and not padded[int(CLIP * 0.95):].any()
+    assert manifest["padded"] >= 1
+    stereo = by_path["c/stereo44k.wav"][2].astype(np.float32) / 32768
+    assert stereo.shape == (CLIP,) and np.abs(stereo).max() > 0.3             # mixed down, resampled
+    spectrum = np.abs(np.fft.rfft(stereo[:32000]))
+    assert abs(np.argmax(spectrum) * 16000 / 32000 - 440) < 3 or abs(np.argmax(spectrum) * 0.5 - 660) < 3
+    tone = by_path["1/tone.mp3"][2].astype(np.float32) / 32768
+    assert abs(np.argmax(np.abs(np.fft.rfft(tone))) * 16000 / len(tone) - 330) < 3
+    assert {s["path"] for s in manifest["skipped"]} == set(bad)
+    assert all(s["reason"] for s in manifest["skipped"])
+    assert manifest["splits"]["train"]["clips"] == 2 and manifest["splits"]["valid"]["clips"] == 1
+    labels = {r[1]: list(r[3]) for r in records.values()}
+    assert labels["0/exact.wav"] == [1.0, 0.0]                                  # clip 1: rock
+    assert sum(manifest["tag_counts"]["train"].values()) == sum(sum(r[3]) for r in records.values() if r[0] == "train")
+    out = capsys.readouterr().out
+    assert "5 files skipped" in out and "manifest.json" in out
+    assert not glob.glob(str(tmp_path / "out" / "*.tmp*"))
+
+
+def test_decoder_crash_costs_one_file():
+    results = {i: (ok, v) for i, ok, v in run_tasks(_crash_on_odd, [(n,) for n in range(6)], 2)}
+    assert [results[i][0] for i in range(6)] == [True, False, True, False, True, False]
+    assert results[0][1] == 0 and "crashed" in results[1][1]
+
+
+def _crash_on_odd(n):
+    if n % 2:
+        os.abort()   # what a segfaulting decoder does to its process
+    return n * n
+
+
+def test_interrupted_run_resumes_without_duplicates(messy_release, tmp_path):
+    release = messy_release[0]
+    out = tmp_path / "out"
+    assert _prepare(release, out, "--shard-mb", "0.07") == 0                   # one clip a shard
+    shards = sorted(glob.glob(str(out / "*.tfrecord")))
+    assert len(shards) >= 5
+    _, before = _read_all(out)
+    # An interruption: two shards never renamed into place, one half-written temporary left behind.
+    for lost in shards[1:3]:
+        os.rename(lost, lost + ".tmp-99999")
+    with open(shards[1] + ".tmp-99999", "r+b") as f:
+        f.truncate(100)
+    kept = {s: os.stat(s).st_mtime_ns for s in shards if s not in shards[1:3]}
+    assert _prepare(release, out, "--shard-mb", "0.07") == 0
+    manifest, after = _read_all(out)
+    assert {k: (v[0], v[1]) for k, v in after.items()} == {k: (v[0], v[1]) for k, v in before.items()}
+    assert all(os.stat(s).st_mtime_ns == m for s, m in kept.items())           # finished shards kept
+
+
+def test_rerun_with_other_settings_is_refused(messy_release, tmp_path, capsys):
+    release = messy_release[0]
+    assert _prepare(release, tmp_path / "out") == 0
+    assert _prepare(release, tmp_path / "out", "--split", "clean") == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_fatal_problems_exit_2_in_one_line(tmp_path):
+    (tmp_path / "bad.csv").write_text("not,an,mtat,file\n")
+    cases = [
+        ["--source", "mtat", "--mtat-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o1")],
+        ["--source", "mtat", "--out", str(tmp_path / "o2")],
+        ["--source", "nonsense", "--out", str(tmp_path / "o3")],
+        ["--source", "csv", "--csv", str(tmp_path / "bad.csv"), "--audio-root", str(tmp_path), "--out", str(tmp_path / "o4")],
+        ["--source", "mtat", "--mtat-dir", str(tmp_path), "--out", str(tmp_path / "o5"), "--workers", "0"],
+    ]
+    shutil.copy(tmp_path / "bad.csv", tmp_path / "annotations_final.csv")
+    for args in cases:
+        r = run_cli("tagger.prepare", *args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+        assert "error:" in r.stderr
+
+
+def test_nothing_convertible_exits_2_and_keeps_the_manifest(tmp_path):
+    _release(tmp_path / "release", {"0/a.mp3": b"junk" * 100, "c/b.wav": b""})
+    assert _prepare(tmp_path / "release", tmp_path / "out") == 2
+    manifest = json.load(open(tmp_path / "out" / "manifest.json"))
+    assert len(manifest["skipped"]) == 2
+
+
+@pytest.mark.skipif(not os.path.exists(SHARED_ANNOTATIONS), reason="real annotations not here")
+def test_plan_on_the_real_annotations(tmp_path):
+    import gzip
+    (tmp_path / "mtat").mkdir()
+    (tmp_path / "mtat" / "annotations_final.csv").write_bytes(gzip.decompress(open(SHARED_ANNOTATIONS, "rb").read()))
+    r = run_cli("tagger.prepare", "--source", "mtat", "--mtat-dir", tmp_path / "mtat", "--out", tmp_path / "plan",
+                "--plan", "--split", "clean")
+    assert r.returncode == 0, r.stderr
+    assert "train 15,247, valid 1,529, test 4,332" in r.stdout
+    rows = open(tmp_path / "plan" / "plan.tsv").read().splitlines()
+    assert rows[0] == "split\tclip_id\tmp3_path" and len(rows) == 1 + 15247 + 1529 + 4332
+    assert json.load(open(tmp_path / "plan" / "tags.json"))[:3] == ["guitar", "classical", "slow"]
+
+
+def test_csv_source(tmp_path):
+    rng = np.random.default_rng(0)
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    lines = ["path,tags,split"]
+    for i in range(6):
+        _wav(audio / f"s{i}.wav", rng.integers(-9000, 9000, CLIP))
+        lines.append(f"s{i}.wav,{'rock;loud' if i % 2 else 'rock'},{['train', 'valid', 'test'][i % 3]}")
+    (tmp_path / "songs.csv").write_text("\n".join(lines) + "\n")
+    assert prepare.main(["--source", "csv", "--csv", str(tmp_path / "songs.csv"), "--audio-root", str(audio),
+                         "--out", str(tmp_path / "out"), "--clip-seconds", "2", "--workers", "1"]) == 0
+    manifest, records = _read_all(tmp_path / "out")
+    assert manifest["tags"] == ["rock", "loud"]
+    assert {s: v["clips"] for s, v in manifest["splits"].items()} == {"train": 2, "valid": 2, "test": 2}
+
+
+def test_demo_is_deterministic_for_a_seed(tmp_path):
+    parts = {"0": 2, "c": 1, "d": 1}
+    a = demo.write_demo(str(tmp_path / "a"), seed=5, clips_per_part=parts, clip_samples=TINY_SAMPLES)
+    b = demo.write_demo(str(tmp_path / "b"), seed=5, workers=2, clips_per_part=parts, clip_samples=TINY_SAMPLES)
+    c = demo.write_demo(str(tmp_path / "c"), seed=6, clips_per_part=parts, clip_samples=TINY_SAMPLES)
+    assert open(a, "rb").read() == open(b, "rb").read()
+    for rel in ("0/demo-00001.wav", "c/demo-00003.wav"):
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+        assert (tmp_path / "a" / rel).read_bytes() != (tmp_path / "c" / rel).read_bytes()
+
+
+def test_demo_tags_vary_independently():
+    rng = np.random.default_rng(0)
+    tags = [demo.synthesize(np.random.default_rng([0, i]), 16000)[1] for i in range(300)]
+    rates = {t: np.mean([t in s for s in tags]) for t in demo.TAGS}
+    assert all(0.2 < r < 0.5 for r in rates.values()), rates
+    pair = np.mean([("guitar" in s) and ("drums" in s) for s in tags])
+    assert abs(pair - rates["guitar"] * rates["drums"]) < 0.06
+    assert rng is not None
+
+
+def test_tiny_records_are_readable(tiny_records):
+    manifest = data.load_manifest(tiny_records)
+    ds = data.dataset(tiny_records, "train", "cnn", 4, manifest)
+    waves, labels = next(iter(ds))
+    assert waves.shape == (4, 10, TINY_SAMPLES // 10)
+    assert labels.shape == (4, len(manifest["tags"]))
+    assert -1.0 <= float(tf.reduce_min(waves)) and float(tf.reduce_max(waves)) < 1.0

@@ -1,0 +1,189 @@
+"""Training end to end on tiny TFRecords: smoke runs, export round trip, evaluation, errors."""
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, TINY_SAMPLES, run_cli
+from tagger.evaluate import tag_metrics
+
+TINY = ["--width", "0.125", "--batch-size", "4"]
+
+
+def _train(tmp_path, data, *args, name):
+    r = run_cli("tagger.train", "--data", data, "--runs-dir", tmp_path / "runs", "--models-dir",
+                tmp_path / "models", "--run-name", name, *TINY, *args)
+    return r
+
+
+@pytest.fixture(scope="module")
+def crnn_run(tiny_records, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("crnn_run")
+    r = _train(tmp, tiny_records, "--arch", "crnn", "--epochs", "2", "--lr", "1e-3", name="crnn")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp, r
+
+
+def test_crnn_smoke_run_writes_everything(crnn_run, tiny_records):
+    tmp, r = crnn_run
+    export = tmp / "models" / "crnn"
+    for name in ("saved_model.pb", "tags.json", "config.json", "metrics.json", "model.keras"):
+        assert (export / name).exists(), name
+    metrics = json.loads((export / "metrics.json").read_text())
+    assert 0.0 <= metrics["test"]["roc_auc"] <= 1.0 and metrics["epochs"] == 2
+    assert len(metrics["history"]) == 2 and {"auc", "pr_auc", "val_auc", "loss"} <= set(metrics["history"][0])
+    config = json.loads((export / "config.json").read_text())
+    assert config["seed"] == 0 and config["data_split"] == "folder" and len(config["manifest_sha256"]) == 64
+    assert config["versions"]["tensorflow"].startswith("2.16")
+    tags = json.loads((export / "tags.json").read_text())
+    assert tags == json.load(open(os.path.join(tiny_records, "tags.json")))
+    run_dir = tmp / "runs" / "crnn"
+    assert (run_dir / "per_tag.csv").exists() and (run_dir / "per_tag.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((run_dir / "train").glob("events.out.tfevents.*")) and list((run_dir / "validation").glob("events.*"))
+    assert "Test ROC-AUC" in r.stdout and str(export) in r.stdout
+    assert not list((tmp / "models").glob("*.tmp-*"))
+
+
+FRESH = """
+import sys, json, numpy as np, tensorflow as tf
+m = tf.saved_model.load(sys.argv[1])
+x = np.load(sys.argv[2])
+out = m.signatures["serving_default"](waveform=tf.constant(x))
+np.save(sys.argv[3], out["probabilities"].numpy())
+tags = [t.decode() for t in m.signatures["tag_names"]()["tags"].numpy()]
+json.dump({"tags": tags, "modules": sorted(k for k in sys.modules if k.split(".")[0] in ("tagger", "tensorflow_io"))},
+          open(sys.argv[4], "w"))
+"""
+
+
+def test_export_round_trip_in_a_fresh_tensorflow_only_process(crnn_run, tmp_path):
+    import keras
+
+    import tagger.models  # noqa: F401 - registers the custom layers for model.keras
+    export = crnn_run[0] / "models" / "crnn"
+    x = np.random.default_rng(0).uniform(-1, 1, (3, TINY_SAMPLES)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    script = tmp_path / "fresh.py"
+    script.write_text(FRESH)
+    r = subprocess.run([sys.executable, str(script), str(export), str(tmp_path / "x.npy"), str(tmp_path / "y.npy"),
+                        str(tmp_path / "info.json")], capture_output=True, text=True, cwd=str(tmp_path),
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads((tmp_path / "info.json").read_text())
+    assert info["modules"] == []
+    assert info["tags"] == json.loads((export / "tags.json").read_text())
+    model = keras.saving.load_model(str(export / "model.keras"))
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model(x, training=False).numpy(), atol=1e-5)
+
+
+def test_evaluate_cli_matches_training_metrics(crnn_run, tiny_records, tmp_path):
+    export = crnn_run[0] / "models" / "crnn"
+    r = run_cli("tagger.evaluate", "--model", export, "--data", tiny_records, "--out", tmp_path / "eval")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ours = json.loads((tmp_path / "eval" / "metrics.json").read_text())["test"]["roc_auc"]
+    trained = json.loads((export / "metrics.json").read_text())["test"]["roc_auc"]
+    assert abs(ours - trained) < 1e-4
+
+
+def test_resume_after_sigkill(tiny_records, tmp_path):
+    args = ["tagger.train", "--data", tiny_records, "--runs-dir", tmp_path / "runs", "--models-dir",
+            tmp_path / "models", "--run-name", "killed", "--arch", "cnn", "--epochs", "6", *TINY]
+    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen([sys.executable, "-m", *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "runs" / "killed" / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["epoch"] >= 2:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert not (tmp_path / "models" / "killed").exists()
+    done = json.loads(state.read_text())["epoch"]
+    assert 2 <= done < 6
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"Resuming from epoch {done} of 6" in r.stderr
+    metrics = json.loads((tmp_path / "models" / "killed" / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_same_seed_same_result(tiny_records, tmp_path):
+    aucs = []
+    for name in ("a", "b"):
+        r = _train(tmp_path, tiny_records, "--arch", "cnn", "--epochs", "2", "--seed", "7", name=name)
+        assert r.returncode == 0, r.stderr[-3000:]
+        aucs.append(json.loads((tmp_path / "models" / name / "metrics.json").read_text())["test"]["roc_auc"])
+    assert round(aucs[0], 3) == round(aucs[1], 3)
+
+
+def test_nan_loss_stops_with_status_1(tiny_records, tmp_path):
+    r = _train(tmp_path, tiny_records, "--arch", "cnn", "--epochs", "3", "--optimizer", "sgd", "--lr", "1e12",
+               "--momentum", "0.99", name="nan")
+    assert r.returncode == 1, r.stderr[-3000:]
+    line = [ln for ln in r.stderr.splitlines() if "error:" in ln]
+    assert len(line) == 1 and "NaN" in line[0] and "--lr" in line[0]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "models" / "nan").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--arch", "rnn"], "invalid choice"),
+    (["--data", "/no/such/folder"], "no manifest.json"),
+    (["--epochs", "0"], "must be at least 1"),
+    (["--momentum", "1.5"], "momentum"),
+    (["--length", "512"], "together"),
+])
+def test_train_usage_errors_are_one_line_exit_2(args, message):
+    started = time.time()
+    r = run_cli("tagger.train", *args)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+    assert "import tensorflow" not in r.stderr
+
+
+def test_length_stride_that_does_not_fit_the_clip(tiny_records, tmp_path):
+    r = _train(tmp_path, tiny_records, "--arch", "cnn", "--length", "4096", "--stride", "4096", name="x")
+    assert r.returncode == 2
+    assert "does not fit" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_evaluate_refuses_a_model_and_data_that_disagree(crnn_run, tmp_path):
+    from tagger import prepare
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    import wave
+    for i in range(3):
+        with wave.open(str(audio / f"{i}.wav"), "wb") as f:
+            f.setnchannels(1), f.setsampwidth(2), f.setframerate(16000)
+            f.writeframes(np.zeros(TINY_SAMPLES, "<i2").tobytes())
+    (tmp_path / "x.csv").write_text("path,tags,split\n0.wav,jazz,train\n1.wav,jazz,valid\n2.wav,blues,test\n")
+    assert prepare.main(["--source", "csv", "--csv", str(tmp_path / "x.csv"), "--audio-root", str(audio),
+                         "--out", str(tmp_path / "other"), "--clip-seconds", "4", "--workers", "1"]) == 0
+    r = run_cli("tagger.evaluate", "--model", crnn_run[0] / "models" / "crnn", "--data", tmp_path / "other")
+    assert r.returncode == 2 and "disagree on tags" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("tagger.evaluate", "--model", tmp_path / "nothing")
+    assert r.returncode == 2 and "not a tagger export" in r.stderr
+
+
+def test_single_class_tag_is_undefined_not_a_crash():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+    rng = np.random.default_rng(0)
+    y = (rng.uniform(size=(40, 3)) < 0.5).astype(int)
+    y[:, 1] = 0                                   # no positives for the second tag
+    p = rng.uniform(size=(40, 3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = tag_metrics(y, p, ["a", "b", "c"])
+    assert any("only one class" in str(w.message) for w in caught)
+    assert m["per_tag"]["b"]["roc_auc"] is None and m["undefined"] == ["b"]
+    keep = [0, 2]
+    assert m["roc_auc"] == pytest.approx(np.mean([roc_auc_score(y[:, i], p[:, i]) for i in keep]))
+    assert m["pr_auc"] == pytest.approx(np.mean([average_precision_score(y[:, i], p[:, i]) for i in keep]))
+    assert json.loads(json.dumps(m))["per_tag"]["b"]["pr_auc"] is None
