@@ -96,4 +96,8 @@ def dataset(data_dir, split, layout, batch_size, manifest=None, shuffle_seed=Non
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    # The manifest knows the clip count: a known length gives Keras its progress bar and epoch end.
+    clips = manifest["splits"][split]["clips"]
+    batches = clips // batch_size if drop_remainder else -(-clips // batch_size)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
     return ds.prefetch(AUTOTUNE)

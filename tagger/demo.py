@@ -12,16 +12,16 @@ import wave
 import numpy as np
 
 SAMPLE_RATE = 16000
-# 13.7 s: long enough that the CNN's longest filter (1024/1024 at 12 kHz) leaves its two poolings
-# one time step; 219,200 samples split into 10 sub-clips of 21,920 (16,440 at 12 kHz).
-CLIP_SECONDS = 13.7
-CLIP_SAMPLES = 219200
+# 10.24 s: the shortest clip whose 10 sub-clips of 16,384 samples still leave the CNN's longest
+# filter (1024/1024) one time step after its two poolings (16 frames -> 4 -> 1).
+CLIP_SECONDS = 10.24
+CLIP_SAMPLES = 163840
 INSTRUMENTS = ("guitar", "strings", "piano", "drums", "vocal", "synth", "flute")
 TAGS = INSTRUMENTS + ("fast", "slow", "loud", "quiet")
 # Clips per part folder: parts 0-b train, c validation, d-f test.
-DEFAULT_CLIPS_PER_PART = {**{p: 16 for p in "0123456789ab"}, "c": 32, **{p: 32 for p in "def"}}
+DEFAULT_CLIPS_PER_PART = {**{p: 16 for p in "0123456789ab"}, "c": 32, **{p: 24 for p in "def"}}
 
-TEMPI = {"slow": (50, 70), None: (90, 115), "fast": (150, 190)}
+TEMPI = {"slow": (45, 60), None: (90, 110), "fast": (170, 200)}
 LEVELS = {"quiet": 0.05, None: 0.25, "loud": 0.9}
 SCALE = np.array([0, 2, 4, 5, 7, 9, 11])  # major scale, in semitones
 
@@ -73,19 +73,21 @@ def _note(instrument, f0, n, sr, rng):
                 + _oscillator(f0, [1, 0.5, 0.25, 0.1], n, sr) * _decay(n, sr, 1.6)) * _adsr(n, sr, 0.003, 0.02)
     if instrument == "strings":     # bowed: sawtooth-rich, slow attack, vibrato
         return _oscillator(f0, 1.0 / k, n, sr, vibrato=0.006, rate=5.5) * _adsr(n, sr, 0.18, 0.12)
-    if instrument == "flute":       # breathy near-sine with vibrato
-        x = _oscillator(f0, [1.0, 0.25, 0.08, 0.03], n, sr, vibrato=0.004, rate=4.5)
-        x += np.convolve(rng.standard_normal(n), np.ones(4) / 4, "same") * 0.08
+    if instrument == "flute":       # breathy near-sine, high, with vibrato
+        x = _oscillator(f0, [1.0, 0.25, 0.08, 0.03], n, sr, vibrato=0.006, rate=4.5)
+        x += np.convolve(rng.standard_normal(n), np.ones(4) / 4, "same") * 0.15
         return x * _adsr(n, sr, 0.08, 0.08)
     if instrument == "synth":       # detuned square waves, gated
         odd = np.where(k % 2 == 1, 1.0 / k, 0.0)
         return 0.5 * (_oscillator(f0, odd, n, sr) + _oscillator(f0 * 1.007, odd, n, sr)) * _adsr(n, sr, 0.005, 0.01)
-    if instrument == "vocal":       # glottal harmonics shaped by a vowel's formants
+    if instrument == "vocal":       # glottal harmonics under a vowel's formants, sung: wide vibrato, breath
         formants = [(730, 1090, 2440), (270, 2290, 3010), (570, 840, 2410), (300, 870, 2240),
                     (530, 1840, 2480)][rng.integers(5)]
         kk = np.arange(1, 40)
         amps = sum(np.exp(-(((kk * f0) - fm) / 120.0) ** 2) for fm in formants) / kk ** 0.3
-        return _oscillator(f0, amps, n, sr, vibrato=0.012, rate=5.0) * _adsr(n, sr, 0.06, 0.1)
+        x = _oscillator(f0, amps, n, sr, vibrato=0.03, rate=5.5)
+        x += np.diff(rng.standard_normal(n + 1)) * 0.05 * np.abs(x).max()
+        return x * _adsr(n, sr, 0.06, 0.1)
     raise ValueError(instrument)
 
 
@@ -108,7 +110,7 @@ def _drums(beats, beat_len, n, sr, rng):
 
 def synthesize(rng, clip_samples=CLIP_SAMPLES, sr=SAMPLE_RATE):
     """One clip: (float waveform in [-1, 1], set of tags)."""
-    present = [i for i in INSTRUMENTS if rng.random() < 0.35]
+    present = [i for i in INSTRUMENTS if rng.random() < 0.3]
     if not present:
         present = [INSTRUMENTS[rng.integers(len(INSTRUMENTS))]]
     tempo = [None, "fast", "slow"][rng.integers(3)]
@@ -124,15 +126,16 @@ def synthesize(rng, clip_samples=CLIP_SAMPLES, sr=SAMPLE_RATE):
             part = _drums(beats, beat_len, clip_samples, sr, rng)
         else:
             part = np.zeros(clip_samples)
-            span = 1 if instrument in ("guitar", "piano", "synth") else 2   # beats a note lasts
-            octave = {"vocal": 0, "strings": 12, "flute": 24}.get(instrument, 12)
+            # Every instrument articulates each beat (the synth each half beat), so tempo is heard in all.
+            step = beat_len // 2 if instrument == "synth" else beat_len
+            octave = {"vocal": 0, "strings": 12, "flute": 24, "synth": 12}.get(instrument, 12)
             ring = {"guitar": 1.2, "piano": 1.8}.get(instrument)
-            for start in beats[::span]:
-                n = min(clip_samples - start, int(ring * sr) if ring else span * beat_len)
+            for start in range(int(beats[0]), clip_samples, step):
+                n = min(clip_samples - start, int(ring * sr) if ring else step)
                 f0 = _midi_hz(root + octave + SCALE[rng.integers(len(SCALE))])
                 part[start:start + n] += _note(instrument, f0, n, sr, rng)
         mix += part / (np.sqrt(np.mean(part ** 2)) + 1e-9) * rng.uniform(0.6, 1.0)
-    mix += rng.standard_normal(clip_samples) * 0.05       # a noise floor, so silence tells nothing
+    mix += rng.standard_normal(clip_samples) * 0.03       # a noise floor, so silence tells nothing
     mix *= LEVELS[level] * 10 ** (rng.uniform(-1.5, 1.5) / 20) / np.max(np.abs(mix))
     tags = set(present) | {t for t in (tempo, level) if t}
     return np.clip(mix, -1, 1), tags

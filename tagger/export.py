@@ -6,6 +6,8 @@
   {"probabilities": (batch, num_tags)}; for the CNN the sub-clip cut happens inside.
 - `tag_names`: no input -> {"tags": (num_tags,) string}, the output order.
 """
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -44,7 +46,8 @@ def export(model, arch, out_dir, tags, clip_samples, files):
     archive.track(model)
     for name, fn in serving_functions(model, arch, clip_samples, tags).items():
         archive.add_endpoint(name, fn)
-    archive.write_out(tmp, verbose=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # Keras prints the endpoints whatever `verbose` says
+        archive.write_out(tmp, verbose=False)
     for name, content in {"tags.json": tags, **files}.items():
         with tf.io.gfile.GFile(f"{tmp}/{name}", "w") as f:
             json.dump(content, f, indent=1)

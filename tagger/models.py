@@ -1,9 +1,12 @@
 """The study's two architectures as Keras functional models, chosen by name through `BUILDERS`.
 
-Both take 16 kHz float32 waveforms in [-1, 1] and resample to the study's 12 kHz inside the model:
+Both take 16 kHz float32 waveforms in [-1, 1]:
 - `build_cnn`: Dieleman & Schrauwen (2014) on raw audio; input (batch, 10, sub_clip_samples), the
-  clip cut into 10 consecutive sub-clips whose predictions are averaged inside the model.
-- `build_crnn`: Choi et al. (2017) on log-mel spectrograms; input (batch, clip_samples).
+  clip cut into 10 consecutive sub-clips whose predictions are averaged inside the model. It reads
+  the 16 kHz samples directly, as the PyTorch peer in ../shared/bench does (`sample_rate=12000`
+  resamples first, inside the model).
+- `build_crnn`: Choi et al. (2017) on log-mel spectrograms of the clip resampled to 12 kHz inside
+  the model; input (batch, clip_samples).
 """
 import keras
 import tensorflow as tf
@@ -39,7 +42,7 @@ class FusedBatchNormalization(layers.BatchNormalization):
         return outputs
 
 
-def cnn_frames(sub_clip_samples, length, stride, sample_rate=12000, input_rate=INPUT_RATE):
+def cnn_frames(sub_clip_samples, length, stride, sample_rate=INPUT_RATE, input_rate=INPUT_RATE):
     """Time steps left after the strided convolution and the two poolings (0: the clip is too short)."""
     n = -(-sub_clip_samples * sample_rate // input_rate) if sample_rate != input_rate else sub_clip_samples
     frames = (n - length) // stride + 1 if n >= length else 0
@@ -47,7 +50,7 @@ def cnn_frames(sub_clip_samples, length, stride, sample_rate=12000, input_rate=I
 
 
 def build_cnn(num_tags, sub_clip_samples, length=256, stride=256, num_sub_clips=10, filters=32,
-              dense_units=100, sample_rate=12000, input_rate=INPUT_RATE, name="cnn"):
+              dense_units=100, sample_rate=INPUT_RATE, input_rate=INPUT_RATE, name="cnn"):
     """Raw-audio CNN: Conv1D(filters, length, stride) -> [Conv1D(filters, 8, same) -> MaxPool(4)] x 2
     -> Dense(dense_units) -> Dense(num_tags, sigmoid), ReLU after the convolutions and the first dense
     layer, applied to each sub-clip; the sub-clip probabilities are averaged.

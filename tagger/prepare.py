@@ -37,7 +37,7 @@ def parse_args(argv):
                    help="folder: every clip; clean: only clips with at least one of the tags")
     p.add_argument("--csv", help="--source csv: a CSV with columns path, tags (';'-separated), [split]")
     p.add_argument("--audio-root", help="--source csv: folder the CSV's paths are relative to")
-    p.add_argument("--clip-seconds", type=positive_float, help="clip length (mtat: 29.125, demo: 13.7)")
+    p.add_argument("--clip-seconds", type=positive_float, help="clip length (mtat: 29.125, demo: 10.24)")
     p.add_argument("--min-seconds", type=nonnegative_float,
                    help="skip files shorter than this (default: 90%% of the clip)")
     p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, help="decoder processes")

@@ -31,7 +31,7 @@ STUDY = {
 # faster batch-norm average converge in the few hundred steps the demo affords.
 DEMO = {
     "cnn": dict(optimizer="adam", lr=1e-3, epochs=40),
-    "crnn": dict(lr=1e-3, bn_momentum=0.9, epochs=8),
+    "crnn": dict(lr=2e-3, bn_momentum=0.9, epochs=4),
 }
 
 
@@ -261,7 +261,7 @@ def run(config):
         exported_epoch = checkpoint.best["epoch"]
 
     test_ds = data.dataset(config.data, "test", layout, config.batch_size, manifest)
-    y, p = evaluate.predict_dataset(lambda w: model(w, training=False), test_ds)
+    y, p = evaluate.predict_dataset(tf.function(lambda w: model(w, training=False), reduce_retracing=True), test_ds)
     test = evaluate.tag_metrics(y, p, manifest["tags"])
     evaluate.write_report(run_dir, test, manifest["tag_counts"]["train"],
                           f"{config.run_name}: test ROC-AUC {test['roc_auc']:.4f}",

@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from tagger.models import build_cnn, build_crnn, cnn_frames
 
-MTAT_SUB_CLIP = 46600     # 466,000 samples / 10 at 16 kHz -> 34,950 at 12 kHz
+MTAT_SUB_CLIP = 46600     # 466,000 samples / 10 at 16 kHz
 MTAT_CLIP = 466000
 
 
@@ -15,15 +15,17 @@ def _trainable(model):
 
 
 @pytest.mark.parametrize("length, stride, total", [
-    # 34,950 samples at 12 kHz; frames = (34950 - length) // stride + 1, then two poolings by 4.
-    # conv1 = length * 32 + 32; conv2 = conv3 = 8 * 32 * 32 + 32 = 8,224; out = 100 * 50 + 50 = 5,050
-    (256, 256, 8224 + 8224 + 8224 + (8 * 32 * 100 + 100) + 5050),     # 136 frames -> 34 -> 8: 55,422
-    (512, 256, 16416 + 8224 + 8224 + (8 * 32 * 100 + 100) + 5050),    # 135 -> 33 -> 8: 63,614
-    (1024, 512, 32800 + 8224 + 8224 + (4 * 32 * 100 + 100) + 5050),   # 67 -> 16 -> 4: 67,198
-    (1024, 1024, 32800 + 8224 + 8224 + (2 * 32 * 100 + 100) + 5050),  # 34 -> 8 -> 2: 60,798
+    # 46,600 samples at 16 kHz; frames = (46600 - length) // stride + 1, then two poolings by 4.
+    # conv1 = length * 32 + 32; conv2 = conv3 = 8 * 32 * 32 + 32 = 8,224; out = 100 * 50 + 50 = 5,050;
+    # dense = steps * 32 * 100 + 100
+    (256, 256, 8224 + 8224 + 8224 + (11 * 32 * 100 + 100) + 5050),   # 182 frames -> 45 -> 11: 65,022
+    (512, 256, 16416 + 8224 + 8224 + (11 * 32 * 100 + 100) + 5050),  # 181 -> 45 -> 11: 73,214
+    (512, 512, 16416 + 8224 + 8224 + (5 * 32 * 100 + 100) + 5050),   # 91 -> 22 -> 5: 54,014
+    (1024, 512, 32800 + 8224 + 8224 + (5 * 32 * 100 + 100) + 5050),  # 90 -> 22 -> 5: 70,398
+    (1024, 1024, 32800 + 8224 + 8224 + (2 * 32 * 100 + 100) + 5050),  # 45 -> 11 -> 2: 60,798
 ])
 def test_cnn_parameter_counts(length, stride, total):
-    assert total in (55422, 63614, 67198, 60798)
+    assert total in (65022, 73214, 54014, 70398, 60798)
     model = build_cnn(50, MTAT_SUB_CLIP, length, stride)
     assert model.count_params() == total
     assert model.input_shape == (None, 10, MTAT_SUB_CLIP)
@@ -32,10 +34,19 @@ def test_cnn_parameter_counts(length, stride, total):
 
 def test_cnn_sub_clip_shapes():
     model = build_cnn(50, MTAT_SUB_CLIP)
-    assert model.get_layer("resample").output.shape[-1] == 34950
-    assert tuple(model.get_layer("strided_conv").output.shape[1:]) == (10, 136, 32)
-    assert tuple(model.get_layer("flatten").output.shape[1:]) == (10, 8 * 32)
-    assert cnn_frames(MTAT_SUB_CLIP, 256, 256) == 8
+    assert tuple(model.get_layer("strided_conv").output.shape[1:]) == (10, 182, 32)
+    assert tuple(model.get_layer("flatten").output.shape[1:]) == (10, 11 * 32)
+    assert cnn_frames(MTAT_SUB_CLIP, 256, 256) == 11
+    # The study's 12 kHz variant: 34,950 samples -> 136 frames -> 34 -> 8.
+    at_12k = build_cnn(50, MTAT_SUB_CLIP, sample_rate=12000)
+    assert at_12k.get_layer("resample").output.shape[-1] == 34950
+    assert tuple(at_12k.get_layer("flatten").output.shape[1:]) == (10, 8 * 32)
+
+
+def test_demo_clip_fits_every_length_stride_pair():
+    from tagger.demo import CLIP_SAMPLES
+    for length, stride in [(1024, 1024), (1024, 512), (512, 512), (512, 256), (256, 256)]:
+        assert cnn_frames(CLIP_SAMPLES // 10, length, stride) >= 1
 
 
 def test_cnn_averages_its_sub_clips():
