@@ -130,7 +130,7 @@ def synthesize(rng, clip_samples=CLIP_SAMPLES, sr=SAMPLE_RATE):
             step = beat_len // 2 if instrument == "synth" else beat_len
             octave = {"vocal": 0, "strings": 12, "flute": 24, "synth": 12}.get(instrument, 12)
             ring = {"guitar": 1.2, "piano": 1.8}.get(instrument)
-            for start in range(int(beats[0]), clip_samples, step):
+            for start in range(offset, clip_samples, step):
                 n = min(clip_samples - start, int(ring * sr) if ring else step)
                 f0 = _midi_hz(root + octave + SCALE[rng.integers(len(SCALE))])
                 part[start:start + n] += _note(instrument, f0, n, sr, rng)
