@@ -4,6 +4,11 @@
 `metrics.json` and `model.keras` (for fine-tuning). Signatures:
 - `serving_default`: float32 waveforms (batch, clip_samples) at 16 kHz in [-1, 1] ->
   {"probabilities": (batch, num_tags)}; for the CNN the sub-clip cut happens inside.
+- `tag_track`: one 16 kHz waveform of any length (samples,) and `hop_seconds` (scalar; 0 means the
+  clip length) -> {"probabilities": (num_tags,), "window_probabilities": (windows, num_tags),
+  "window_starts": (windows,) seconds}. The track is cut into clip-length windows, the last one
+  aligned to the end of the track; a track shorter than a clip is zero-padded. Windows go through
+  the model WINDOW_BATCH at a time in a loop, so a long track never sits in the model at once.
 - `tag_names`: no input -> {"tags": (num_tags,) string}, the output order.
 """
 import contextlib
@@ -17,6 +22,21 @@ import tensorflow as tf
 
 from tagger.data import NUM_SUB_CLIPS, to_sub_clips
 
+SAMPLE_RATE = 16000
+WINDOW_BATCH = 8
+
+
+def window_starts(num_samples, clip_samples, hop):
+    """Window start samples over a track: every `hop` samples while a whole clip fits, then one more
+    aligned to the end of the track if the last window stopped short of it. A track shorter than a
+    clip has one window at 0. Shared by the SavedModel's `tag_track` and `tagger.predict`.
+    """
+    length = max(num_samples, clip_samples)
+    starts = list(range(0, length - clip_samples + 1, hop))
+    if starts[-1] + clip_samples < length:
+        starts.append(length - clip_samples)
+    return starts
+
 
 def serving_functions(model, arch, clip_samples, tags):
     """The tf.functions the export serves, closed over the Keras model."""
@@ -26,13 +46,39 @@ def serving_functions(model, arch, clip_samples, tags):
         x = to_sub_clips(waveform, NUM_SUB_CLIPS) if arch == "cnn" else waveform
         return {"probabilities": model(x, training=False)}
 
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="waveform"),
+                                  tf.TensorSpec([], tf.float32, name="hop_seconds")])
+    def tag_track(waveform, hop_seconds):
+        n = tf.shape(waveform)[0]
+        hop = tf.cast(tf.round(hop_seconds * SAMPLE_RATE), tf.int32)
+        hop = tf.where(hop > 0, hop, clip_samples)
+        padded = tf.pad(waveform, [[0, tf.maximum(clip_samples - n, 0)]])
+        length = tf.maximum(n, clip_samples)
+        starts = tf.range(0, length - clip_samples + 1, hop)
+        starts = tf.cond(starts[-1] + clip_samples < length,
+                         lambda: tf.concat([starts, [length - clip_samples]], 0), lambda: starts)
+        count = tf.shape(starts)[0]
+        offsets = tf.range(clip_samples)
+
+        def body(i, out):
+            chunk = starts[i:i + WINDOW_BATCH]
+            windows = tf.gather(padded, chunk[:, None] + offsets[None, :])
+            return i + WINDOW_BATCH, out.write(i // WINDOW_BATCH, serve(windows)["probabilities"])
+
+        out = tf.TensorArray(tf.float32, size=0, dynamic_size=True, infer_shape=False,
+                             element_shape=tf.TensorShape([None, len(tags)]))
+        _, out = tf.while_loop(lambda i, _: i < count, body, [tf.constant(0), out])
+        per_window = out.concat()
+        return {"probabilities": tf.reduce_mean(per_window, 0), "window_probabilities": per_window,
+                "window_starts": tf.cast(starts, tf.float32) / SAMPLE_RATE}
+
     tag_constant = tf.constant(tags)
 
     @tf.function(input_signature=[])
     def tag_names():
         return {"tags": tag_constant}
 
-    return {"serving_default": serve, "tag_names": tag_names}
+    return {"serving_default": serve, "tag_track": tag_track, "tag_names": tag_names}
 
 
 def export(model, arch, out_dir, tags, clip_samples, files):

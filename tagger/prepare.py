@@ -263,9 +263,24 @@ def _check_settings(out, settings):
         raise UsageError(f"cannot write to {out} ({e.message}): choose a writable --out") from None
 
 
+def _ensure_writable(out):
+    """A local output folder that cannot be created or written to is a usage error, found first."""
+    if "://" in out:
+        return  # remote folders are checked when TensorFlow's filesystem opens them
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"cannot write to the output folder {out} ({e.strerror}): choose a writable --out") from None
+
+
 def prepare(args):
     """Plan, then convert; returns the exit status."""
     out = args.out.rstrip("/")
+    _ensure_writable(out)
     if args.source == "demo":
         from tagger import demo
         audio_root = f"{out}/source"

@@ -157,6 +157,7 @@ def test_fatal_problems_exit_2_in_one_line(tmp_path):
         ["--source", "nonsense", "--out", str(tmp_path / "o3")],
         ["--source", "csv", "--csv", str(tmp_path / "bad.csv"), "--audio-root", str(tmp_path), "--out", str(tmp_path / "o4")],
         ["--source", "mtat", "--mtat-dir", str(tmp_path), "--out", str(tmp_path / "o5"), "--workers", "0"],
+        ["--source", "demo", "--out", "/proc/no-such-dir/demo"],                # unwritable output folder
     ]
     shutil.copy(tmp_path / "bad.csv", tmp_path / "annotations_final.csv")
     for args in cases:

@@ -49,6 +49,44 @@ def test_crnn_smoke_run_writes_everything(crnn_run, tiny_records):
     assert not list((tmp / "models").glob("*.tmp-*"))
 
 
+TRACK = """
+import sys, json, numpy as np, tensorflow as tf
+m = tf.saved_model.load(sys.argv[1])
+out = {}
+for name in sys.argv[2:]:
+    track = np.load(name)
+    r = m.signatures["tag_track"](waveform=tf.constant(track), hop_seconds=tf.constant(0.0))
+    out[name] = {k: v.numpy().tolist() for k, v in r.items()}
+json.dump(out, open("track.json", "w"))
+"""
+
+
+def test_tag_track_windows_a_track_of_any_length(crnn_run, tmp_path):
+    from tagger.export import window_starts
+    export = crnn_run[0] / "models" / "crnn"
+    rng = np.random.default_rng(1)
+    tracks = {"long.npy": rng.uniform(-0.5, 0.5, int(2.5 * TINY_SAMPLES)).astype(np.float32),
+              "short.npy": rng.uniform(-0.5, 0.5, TINY_SAMPLES // 3).astype(np.float32)}
+    for name, x in tracks.items():
+        np.save(tmp_path / name, x)
+    (tmp_path / "track.py").write_text(TRACK)
+    r = subprocess.run([sys.executable, "track.py", str(export), *tracks], capture_output=True, text=True,
+                       cwd=str(tmp_path), env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads((tmp_path / "track.json").read_text())
+    import tensorflow as tf
+    serve = tf.saved_model.load(str(export)).signatures["serving_default"]
+    for name, x in tracks.items():
+        starts = window_starts(len(x), TINY_SAMPLES, TINY_SAMPLES)
+        np.testing.assert_allclose(got[name]["window_starts"], [s / 16000 for s in starts], atol=1e-5)
+        padded = np.pad(x, (0, max(0, TINY_SAMPLES - len(x))))
+        windows = np.stack([padded[s:s + TINY_SAMPLES] for s in starts])
+        want = serve(waveform=tf.constant(windows))["probabilities"].numpy()
+        np.testing.assert_allclose(got[name]["window_probabilities"], want, atol=1e-5)
+        np.testing.assert_allclose(got[name]["probabilities"], want.mean(axis=0), atol=1e-5)
+    assert window_starts(int(2.5 * TINY_SAMPLES), TINY_SAMPLES, TINY_SAMPLES) == [0, TINY_SAMPLES, int(1.5 * TINY_SAMPLES)]
+
+
 FRESH = """
 import sys, json, numpy as np, tensorflow as tf
 m = tf.saved_model.load(sys.argv[1])
