@@ -1,19 +1,18 @@
 """Training callbacks: crash-safe epoch checkpoints for resuming, the NaN guard, and run state."""
 import json
 import math
-import os
+import time
 
 import keras
 import tensorflow as tf
+
+from tagger.files import atomic_write_text, load_via_local, save_via_local
 
 STATE = "state.json"
 
 
 def _atomic_json(path, obj):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def read_state(checkpoint_dir):
@@ -25,25 +24,8 @@ def read_state(checkpoint_dir):
         return json.load(f)
 
 
-def _save_weights(model, path):
-    """Keras writes weights to local files; a remote path gets a local copy uploaded."""
-    if "://" not in path:
-        model.save_weights(path)
-        return
-    local = f"/tmp/{os.getpid()}-{os.path.basename(path)}"
-    model.save_weights(local)
-    tf.io.gfile.copy(local, path, overwrite=True)
-    os.remove(local)
-
-
 def load_weights(model, path):
-    if "://" in path:
-        local = f"/tmp/{os.getpid()}-{os.path.basename(path)}"
-        tf.io.gfile.copy(path, local, overwrite=True)
-        model.load_weights(local)
-        os.remove(local)
-    else:
-        model.load_weights(path)
+    load_via_local(model.load_weights, path)
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
@@ -60,7 +42,12 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.history = state.get("history", [])
         self.best = state.get("best")
         self.weights = state.get("weights")
+        self.prior_seconds = state.get("train_seconds", 0.0)   # spent before a resume
+        self.train_seconds = self.prior_seconds
         self.skip = False  # set by the NaN guard: never checkpoint a diverged model
+
+    def on_train_begin(self, logs=None):
+        self.started = time.time()
 
     def on_epoch_end(self, epoch, logs=None):
         if self.skip:
@@ -71,15 +58,16 @@ class EpochCheckpoint(keras.callbacks.Callback):
         value = logs.get(self.monitor)
         if value is not None and (self.best is None or value > self.best["value"]):
             name = f"best-epoch-{epoch + 1:04d}.weights.h5"
-            _save_weights(self.model, f"{self.dir}/{name}")
+            save_via_local(self.model.save_weights, f"{self.dir}/{name}")
             old_best, self.best = self.best, {"epoch": epoch + 1, "value": value, "weights": name}
         else:
             old_best = None
         name = f"epoch-{epoch + 1:04d}.weights.h5"
-        _save_weights(self.model, f"{self.dir}/{name}")
+        save_via_local(self.model.save_weights, f"{self.dir}/{name}")
         old, self.weights = self.weights, name
+        self.train_seconds = self.prior_seconds + time.time() - self.started
         _atomic_json(f"{self.dir}/{STATE}", {"epoch": epoch + 1, "weights": name, "history": self.history,
-                                              "best": self.best})
+                                              "best": self.best, "train_seconds": self.train_seconds})
         for stale in (old, old_best and old_best["weights"]):
             if stale and stale not in (self.weights, self.best and self.best["weights"]):
                 path = f"{self.dir}/{stale}"

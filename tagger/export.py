@@ -21,6 +21,7 @@ import keras
 import tensorflow as tf
 
 from tagger.data import NUM_SUB_CLIPS, to_sub_clips
+from tagger.files import save_via_local
 
 SAMPLE_RATE = 16000
 WINDOW_BATCH = 8
@@ -97,14 +98,7 @@ def export(model, arch, out_dir, tags, clip_samples, files):
     for name, content in {"tags.json": tags, **files}.items():
         with tf.io.gfile.GFile(f"{tmp}/{name}", "w") as f:
             json.dump(content, f, indent=1)
-    keras_path = f"{tmp}/model.keras"
-    if "://" in keras_path:  # Keras writes local files; copy it up
-        local = f"/tmp/model-{os.getpid()}.keras"
-        model.save(local)
-        tf.io.gfile.copy(local, keras_path, overwrite=True)
-        os.remove(local)
-    else:
-        model.save(keras_path)
+    save_via_local(model.save, f"{tmp}/model.keras")
     if tf.io.gfile.exists(out_dir):
         old = f"{out_dir}.old-{os.getpid()}"
         tf.io.gfile.rename(out_dir, old)

@@ -18,6 +18,7 @@ import time
 from collections import Counter
 
 from tagger import mtat
+from tagger.files import atomic_write_text
 from tagger.cli import (EXIT_OK, EXIT_USAGE, ArgumentParser, Progress, UsageError, main_guard,
                         nonnegative_float, positive_float, positive_int, quiet_tensorflow)
 
@@ -137,13 +138,6 @@ def _example(tf, pcm, labels_multi_hot, clip_id, path):
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
-def _atomic_write_text(tf, path, text):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(text)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
 def convert(plan, tags, out, audio_root, settings, workers, shard_mb):
     """Decode every planned clip in worker processes and write the shards that are not done yet.
 
@@ -205,7 +199,7 @@ def _write_shard(tf, out, progress_dir, name, entries, results, tag_index, tags)
             written += 1
     summary = {"clips": written, "skipped": skipped, "padded": padded, "tag_counts": dict(counts)}
     # The summary first, then the shard: a shard that exists always has its summary.
-    _atomic_write_text(tf, f"{progress_dir}/{name}.json", json.dumps(summary))
+    atomic_write_text(f"{progress_dir}/{name}.json", json.dumps(summary))
     tf.io.gfile.rename(tmp, f"{out}/{name}", overwrite=True)
 
 
@@ -229,7 +223,7 @@ def write_manifest(tf, out, shards, tags, settings):
         "annotations_sha256": settings["annotations_sha256"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _atomic_write_text(tf, f"{out}/manifest.json", json.dumps(manifest, indent=1))
+    atomic_write_text(f"{out}/manifest.json", json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -258,7 +252,7 @@ def _check_settings(out, settings):
                              "--out folder, or delete this one to start over")
         return
     try:
-        _atomic_write_text(tf, path, json.dumps(settings, indent=1))
+        atomic_write_text(path, json.dumps(settings, indent=1))
     except tf.errors.OpError as e:
         raise UsageError(f"cannot write to {out} ({e.message}): choose a writable --out") from None
 

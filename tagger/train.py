@@ -237,13 +237,12 @@ def run(config):
         print(f"Resuming from epoch {initial_epoch} of {config.epochs}", file=sys.stderr)
     checkpoint = callbacks.EpochCheckpoint(ckpt_dir, state=state)
     guard = callbacks.NanGuard(checkpoint)
-    fit_started = time.time()
     if initial_epoch < config.epochs:
         model.fit(train_ds, validation_data=valid_ds, epochs=config.epochs, initial_epoch=initial_epoch,
                   verbose=1 if sys.stdout.isatty() else 2,
                   callbacks=[keras.callbacks.TensorBoard(run_dir, update_freq="epoch", profile_batch=0),
                              checkpoint, guard])
-    train_seconds = time.time() - fit_started + (state or {}).get("train_seconds", 0.0)
+    train_seconds = checkpoint.train_seconds
     if guard.where:
         epoch, batch = guard.where
         last = checkpoint.history[-1]["epoch"] if checkpoint.history else 0
@@ -251,10 +250,6 @@ def run(config):
                          f"training stopped (last good checkpoint: epoch {last} in {ckpt_dir}). Try a lower "
                          f"--lr (now {config.lr:g}).\n")
         return EXIT_FAILED
-    if state is None or state["epoch"] < config.epochs:
-        # Record the time spent so far, so a resumed run reports its whole training time.
-        done = callbacks.read_state(ckpt_dir)
-        callbacks._atomic_json(f"{ckpt_dir}/{callbacks.STATE}", {**done, "train_seconds": train_seconds})
     exported_epoch = config.epochs
     if config.restore_best and checkpoint.best:
         callbacks.load_weights(model, f"{ckpt_dir}/{checkpoint.best['weights']}")

@@ -225,3 +225,13 @@ def test_single_class_tag_is_undefined_not_a_crash():
     assert m["roc_auc"] == pytest.approx(np.mean([roc_auc_score(y[:, i], p[:, i]) for i in keep]))
     assert m["pr_auc"] == pytest.approx(np.mean([average_precision_score(y[:, i], p[:, i]) for i in keep]))
     assert json.loads(json.dumps(m))["per_tag"]["b"]["pr_auc"] is None
+
+
+def test_restore_best_exports_the_best_validation_epoch(tiny_records, tmp_path):
+    r = _train(tmp_path, tiny_records, "--arch", "cnn", "--epochs", "4", "--restore-best", name="best")
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "models" / "best" / "metrics.json").read_text())
+    history = metrics["history"]
+    best = max(history, key=lambda h: h["val_auc"])["epoch"]
+    assert metrics["restore_best"] is True and metrics["exported_epoch"] == best
+    assert json.loads((tmp_path / "models" / "best" / "config.json").read_text())["config"]["restore_best"] is True
