@@ -37,3 +37,14 @@ def tiny_records(tiny_release, tmp_path_factory):
                            "--clip-seconds", str(TINY_SECONDS), "--shard-mb", "0.5", "--workers", "2"])
     assert status == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def crnn_run(tiny_records, tmp_path_factory):
+    """A tiny CRNN trained for two epochs on the tiny records, exported: (tmp folder, CompletedProcess)."""
+    tmp = tmp_path_factory.mktemp("crnn_run")
+    r = run_cli("tagger.train", "--data", tiny_records, "--runs-dir", tmp / "runs", "--models-dir", tmp / "models",
+                "--run-name", "crnn", "--width", "0.125", "--batch-size", "4", "--arch", "crnn", "--epochs", "2",
+                "--lr", "1e-3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp, r

@@ -21,14 +21,6 @@ def _train(tmp_path, data, *args, name):
     return r
 
 
-@pytest.fixture(scope="module")
-def crnn_run(tiny_records, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("crnn_run")
-    r = _train(tmp, tiny_records, "--arch", "crnn", "--epochs", "2", "--lr", "1e-3", name="crnn")
-    assert r.returncode == 0, r.stderr[-3000:]
-    return tmp, r
-
-
 def test_crnn_smoke_run_writes_everything(crnn_run, tiny_records):
     tmp, r = crnn_run
     export = tmp / "models" / "crnn"

@@ -1,0 +1,179 @@
+"""Tag audio files with an exported model.
+
+    python -m tagger.predict song.mp3 music/ [--model saved_models/NAME] [--top-k 5] [--threshold X]
+                             [--format table|json|csv] [--timeline] [--hop SECONDS]
+
+Files or folders (searched recursively for mp3, wav, flac, ogg), any rate and channel count. A
+track longer than the model's clip is cut into clip-length windows (every --hop seconds, the last
+window aligned to the end of the track); a shorter one is zero-padded. Windows from all files go
+through the model in batches and are averaged per track, as the SavedModel's `tag_track` does.
+"""
+import csv
+import json
+import os
+import sys
+
+from tagger.cli import (EXIT_FAILED, EXIT_OK, ArgumentParser, UsageError, main_guard, positive_float,
+                        positive_int, quiet_tensorflow)
+
+PROG = "python -m tagger.predict"
+EXTENSIONS = (".mp3", ".wav", ".flac", ".ogg")
+SAMPLE_RATE = 16000
+
+
+def parse_args(argv):
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    p.add_argument("paths", nargs="+", metavar="PATH", help="audio files or folders")
+    p.add_argument("--model", help="an export folder (default: the newest under saved_models/)")
+    p.add_argument("--top-k", type=positive_int, default=5)
+    p.add_argument("--threshold", type=float, help="only tags at or above this probability (0-1)")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--timeline", action="store_true", help="also each window's start and top tags")
+    p.add_argument("--hop", type=positive_float, help="seconds between windows (default: the clip length)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows per model call")
+    args = p.parse_args(argv)
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        p.error(f"--threshold {args.threshold} must be between 0 and 1")
+    return args
+
+
+def newest_model(models_dir="saved_models"):
+    exports = [os.path.join(models_dir, d) for d in (os.listdir(models_dir) if os.path.isdir(models_dir) else [])
+               if os.path.isfile(os.path.join(models_dir, d, "config.json"))
+               and os.path.isfile(os.path.join(models_dir, d, "saved_model.pb"))]
+    if not exports:
+        raise UsageError(f"no exported model under {models_dir}/: train one (python -m tagger.train) "
+                         "or pass --model")
+    return max(exports, key=os.path.getmtime)
+
+
+def collect_files(paths):
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            for root, _, names in sorted(os.walk(path)):
+                files += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(EXTENSIONS)]
+        elif os.path.exists(path):
+            files.append(path)
+        else:
+            raise UsageError(f"{path} does not exist: pass audio files or folders")
+    if not files:
+        raise UsageError(f"no audio files ({', '.join(e[1:] for e in EXTENSIONS)}) in {' '.join(paths)}")
+    return files
+
+
+def tag_files(files, serving, clip_samples, hop, batch_size, on_error):
+    """Window every file, run the windows through `serving` in batches across files.
+
+    Returns [{"path", "duration", "starts", "window_probabilities", "probabilities"}] for the files
+    that decoded; `on_error(path, reason)` is called for the others.
+    """
+    import numpy as np
+
+    from tagger.audio import AudioError, decode
+    from tagger.export import window_starts
+
+    results, batch = [], []
+
+    def flush():
+        if batch:
+            probs = serving(np.stack([w for _, w in batch]))
+            for (result, _), p in zip(batch, probs):
+                result["window_probabilities"].append(p)
+            batch.clear()
+
+    for path in files:
+        try:
+            x, _ = decode(path, SAMPLE_RATE)
+        except AudioError as e:
+            on_error(path, str(e))
+            continue
+        starts = window_starts(len(x), clip_samples, hop)
+        result = {"path": path, "duration": round(len(x) / SAMPLE_RATE, 3),
+                  "starts": [s / SAMPLE_RATE for s in starts], "window_probabilities": []}
+        x = np.pad(x, (0, max(0, clip_samples - len(x))))
+        results.append(result)
+        for s in starts:
+            batch.append((result, x[s:s + clip_samples]))
+            if len(batch) >= batch_size:
+                flush()
+        del x
+    flush()
+    for r in results:
+        r["window_probabilities"] = np.stack(r["window_probabilities"])
+        r["probabilities"] = r["window_probabilities"].mean(axis=0)
+    return results
+
+
+def top_tags(probs, tags, k, threshold):
+    order = sorted(range(len(tags)), key=lambda i: -probs[i])[:k]
+    return [(tags[i], float(probs[i])) for i in order if threshold is None or probs[i] >= threshold]
+
+
+def write_output(results, tags, args, out=sys.stdout):
+    if args.format == "json":
+        doc = []
+        for r in results:
+            item = {"path": r["path"], "duration": r["duration"],
+                    "tags": {t: round(float(p), 6) for t, p in zip(tags, r["probabilities"])}}
+            if args.timeline:
+                item["windows"] = [{"start": s, "tags": {t: round(float(p), 6) for t, p in zip(tags, wp)}}
+                                   for s, wp in zip(r["starts"], r["window_probabilities"])]
+            doc.append(item)
+        json.dump(doc, out, indent=1)
+        out.write("\n")
+    elif args.format == "csv":
+        w = csv.writer(out)
+        w.writerow(["path", "start" if args.timeline else "duration", *tags])
+        for r in results:
+            rows = zip(r["starts"], r["window_probabilities"]) if args.timeline else [(r["duration"], r["probabilities"])]
+            for first, probs in rows:
+                w.writerow([r["path"], first, *(f"{p:.6f}" for p in probs)])
+    else:
+        for r in results:
+            top = ", ".join(f"{t} {p:.2f}" for t, p in top_tags(r["probabilities"], tags, args.top_k, args.threshold))
+            out.write(f"{r['path']}  ({r['duration']:.1f} s)  {top or '(no tag above the threshold)'}\n")
+            if args.timeline:
+                for s, probs in zip(r["starts"], r["window_probabilities"]):
+                    top = ", ".join(f"{t} {p:.2f}" for t, p in top_tags(probs, tags, args.top_k, args.threshold))
+                    out.write(f"    {int(s // 60):02d}:{s % 60:05.2f}  {top}\n")
+
+
+def run(args):
+    model_dir = args.model
+    if model_dir is None:
+        model_dir = newest_model()
+        print(f"Using the newest model, {model_dir}", file=sys.stderr)
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(config_path) or not os.path.isfile(os.path.join(model_dir, "saved_model.pb")):
+        raise UsageError(f"{model_dir} is not a tagger export (no saved_model.pb and config.json): pass a "
+                         "folder under saved_models/")
+    files = collect_files(args.paths)
+    with open(config_path) as f:
+        config = json.load(f)
+    clip, tags = config["clip_samples"], config["tags"]
+    hop = int(round(args.hop * SAMPLE_RATE)) if args.hop else clip
+    quiet_tensorflow()
+    import tensorflow as tf
+    serve = tf.saved_model.load(model_dir).signatures["serving_default"]
+    failures = []
+
+    def on_error(path, reason):
+        failures.append(path)
+        print(f"{path}: {reason}", file=sys.stderr)
+
+    results = tag_files(files, lambda w: serve(waveform=tf.constant(w))["probabilities"].numpy(),
+                        clip, hop, args.batch_size, on_error)
+    write_output(results, tags, args)
+    if failures:
+        print(f"{len(failures)} of {len(files)} files could not be tagged", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def main(argv=None):
+    return main_guard(PROG, run, parse_args(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Tagging audio files with an export: formats, lengths, rates, bad files, and tag_track's numbers."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import wave
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, TINY_SAMPLES, run_cli
+from tagger.export import window_starts
+
+FIXTURE_MP3 = os.path.join(ROOT, "tests", "fixtures", "tone.mp3")
+
+
+def _wav(path, seconds, rate=16000, channels=1, seed=0):
+    rng = np.random.default_rng(seed)
+    n = int(seconds * rate)
+    t = np.arange(n) / rate
+    x = 0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(n)
+    pcm = np.round(np.clip(x, -1, 1) * 32767).astype("<i2")
+    if channels == 2:
+        pcm = np.stack([pcm, pcm[::-1]], 1)
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(channels)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(pcm.tobytes())
+
+
+@pytest.fixture(scope="module")
+def music(tmp_path_factory):
+    root = tmp_path_factory.mktemp("music")
+    (root / "album").mkdir()
+    _wav(root / "plain.wav", 6.0)
+    shutil.copy(FIXTURE_MP3, root / "album" / "tone.mp3")
+    _wav(root / "album" / "stereo44k.wav", 5.0, rate=44100, channels=2)
+    _wav(root / "short.wav", 2.0)
+    _wav(root / "album" / "three-minutes.wav", 180.0, seed=3)
+    return root
+
+
+def _predict(model, *args):
+    return run_cli("tagger.predict", *args, "--model", model)
+
+
+def test_json_for_every_kind_of_file(crnn_run, music):
+    model = crnn_run[0] / "models" / "crnn"
+    tags = json.loads((model / "tags.json").read_text())
+    r = _predict(model, music, "--format", "json", "--timeline")
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = {os.path.relpath(d["path"], music): d for d in json.loads(r.stdout)}
+    assert set(doc) == {"plain.wav", "album/tone.mp3", "album/stereo44k.wav", "short.wav", "album/three-minutes.wav"}
+    assert doc["short.wav"]["duration"] == pytest.approx(2.0) and len(doc["short.wav"]["windows"]) == 1
+    assert doc["album/stereo44k.wav"]["duration"] == pytest.approx(5.0, abs=1e-3)
+    long = doc["album/three-minutes.wav"]
+    assert long["duration"] == pytest.approx(180.0)
+    starts = window_starts(180 * 16000, TINY_SAMPLES, TINY_SAMPLES)
+    assert [w["start"] for w in long["windows"]] == pytest.approx([s / 16000 for s in starts])
+    for d in doc.values():
+        assert list(d["tags"]) == tags and all(0 <= p <= 1 for p in d["tags"].values())
+        mean = np.mean([list(w["tags"].values()) for w in d["windows"]], axis=0)
+        np.testing.assert_allclose(list(d["tags"].values()), mean, atol=1e-5)
+
+
+def test_table_csv_threshold_and_hop(crnn_run, music):
+    model = crnn_run[0] / "models" / "crnn"
+    r = _predict(model, music / "plain.wav", "--top-k", "2")
+    assert r.returncode == 0 and r.stdout.count("\n") == 1 and "(6.0 s)" in r.stdout
+    assert len(r.stdout.split("s)")[1].split(",")) == 2
+    r = _predict(model, music / "plain.wav", "--threshold", "1.0")
+    assert "no tag above the threshold" in r.stdout
+    r = _predict(model, music / "album" / "three-minutes.wav", "--format", "csv", "--timeline", "--hop", "30")
+    rows = r.stdout.strip().splitlines()
+    assert rows[0].startswith("path,start,") and len(rows) - 1 == len(window_starts(180 * 16000, TINY_SAMPLES, 30 * 16000))
+
+
+def test_a_corrupt_file_among_good_ones(crnn_run, music, tmp_path):
+    model = crnn_run[0] / "models" / "crnn"
+    (tmp_path / "broken.mp3").write_bytes(b"\x00garbage" * 300)
+    (tmp_path / "empty.wav").write_bytes(b"")
+    r = _predict(model, music / "plain.wav", tmp_path / "broken.mp3", tmp_path / "empty.wav", music / "short.wav",
+                 "--format", "json")
+    assert r.returncode == 1
+    assert [os.path.basename(d["path"]) for d in json.loads(r.stdout)] == ["plain.wav", "short.wav"]
+    lines = r.stderr.strip().splitlines()
+    assert any(ln.startswith(str(tmp_path / "broken.mp3")) for ln in lines)
+    assert any(ln.startswith(str(tmp_path / "empty.wav")) and "empty" in ln for ln in lines)
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/no/model", "x.wav"], "not a tagger export"),
+    (["/no/such/file.wav"], "does not exist"),
+    (["--top-k", "0", "x.wav"], "at least 1"),
+    (["--format", "xml", "x.wav"], "invalid choice"),
+])
+def test_usage_errors(args, message, crnn_run, tmp_path):
+    model_args = [] if "--model" in args else ["--model", str(crnn_run[0] / "models" / "crnn")]
+    r = run_cli("tagger.predict", *args, *model_args)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_folder_without_audio_and_no_model(crnn_run, tmp_path):
+    (tmp_path / "notes.txt").write_text("no audio here")
+    r = run_cli("tagger.predict", tmp_path, "--model", crnn_run[0] / "models" / "crnn")
+    assert r.returncode == 2 and "no audio files" in r.stderr, r.stderr
+    r = run_cli("tagger.predict", tmp_path, cwd=str(tmp_path))     # no saved_models/ here
+    assert r.returncode == 2 and "no exported model" in r.stderr, r.stderr
+
+
+TRACK = """
+import sys, json, tensorflow as tf
+m = tf.saved_model.load(sys.argv[1])
+audio, rate = tf.audio.decode_wav(tf.io.read_file(sys.argv[2]))
+out = m.signatures["tag_track"](waveform=tf.reduce_mean(audio, 1), hop_seconds=tf.constant(0.0))
+json.dump({"rate": int(rate), "p": out["probabilities"].numpy().tolist(),
+           "modules": sorted(k for k in sys.modules if k.split(".")[0] in ("tagger", "tensorflow_io"))},
+          open("out.json", "w"))
+"""
+
+
+def test_tag_track_in_a_tensorflow_only_process_gives_the_cli_numbers(crnn_run, music, tmp_path):
+    model = crnn_run[0] / "models" / "crnn"
+    (tmp_path / "track.py").write_text(TRACK)
+    track = music / "album" / "three-minutes.wav"
+    r = subprocess.run([sys.executable, "track.py", str(model), str(track)], cwd=str(tmp_path), capture_output=True,
+                       text=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["rate"] == 16000 and out["modules"] == []
+    cli = json.loads(_predict(model, track, "--format", "json").stdout)[0]["tags"]
+    np.testing.assert_allclose(list(cli.values()), out["p"], atol=1e-5)
