@@ -312,7 +312,7 @@ def prepare(args):
         with open(f"{out}/tags.json", "w") as f:
             json.dump(tags, f, indent=1)
         print(f"Plan ({args.split} split, {len(tags)} tags): " +
-              ", ".join(f"{s} {n:,}" for s, n in counts.items()) + f" clips")
+              ", ".join(f"{s} {n:,}" for s, n in counts.items()) + " clips")
         print(f"Wrote {out}/plan.tsv and {out}/tags.json")
         return EXIT_OK
 

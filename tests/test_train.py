@@ -171,11 +171,19 @@ def test_nan_loss_stops_with_status_1(tiny_records, tmp_path):
     (["--length", "512"], "together"),
 ])
 def test_train_usage_errors_are_one_line_exit_2(args, message):
-    started = time.time()
     r = run_cli("tagger.train", *args)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
-    assert "import tensorflow" not in r.stderr
+
+
+def test_commands_check_arguments_before_importing_tensorflow():
+    code = ("import sys\nfrom tagger import train, prepare, evaluate, predict\n"
+            "train.config_from_args(['--arch', 'cnn'])\nprepare.parse_args(['--source', 'demo', '--out', 'x'])\n"
+            "predict.parse_args(['a.wav'])\nevaluate.parse_args(['--model', 'm'])\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
 
 
 def test_length_stride_that_does_not_fit_the_clip(tiny_records, tmp_path):
