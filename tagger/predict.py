@@ -13,12 +13,11 @@ import json
 import os
 import sys
 
+from tagger.audio import EXTENSIONS, SAMPLE_RATE
 from tagger.cli import (EXIT_FAILED, EXIT_OK, ArgumentParser, UsageError, main_guard, positive_float,
                         positive_int, quiet_tensorflow)
 
 PROG = "python -m tagger.predict"
-EXTENSIONS = (".mp3", ".wav", ".flac", ".ogg")
-SAMPLE_RATE = 16000
 
 
 def parse_args(argv):
