@@ -8,6 +8,8 @@ import os
 
 import numpy as np
 
+from tagger.cli import quiet_tensorflow
+
 SAMPLE_RATE = 16000
 EXTENSIONS = (".mp3", ".wav", ".flac", ".ogg")
 
@@ -16,17 +18,13 @@ class AudioError(Exception):
     """A file that cannot be used: missing, empty, not audio, corrupt or too short."""
 
 
-def _quiet_tensorflow():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-
 def decode(path, sample_rate=SAMPLE_RATE):
     """Decode a whole file to float32 mono in [-1, 1] at `sample_rate`.
 
     Returns (waveform, info) with info = {"rate": original rate, "channels": original channels}.
     Raises AudioError with a one-line reason.
     """
-    _quiet_tensorflow()
+    quiet_tensorflow()
     if not os.path.exists(path):
         raise AudioError("file not found")
     if os.path.getsize(path) == 0:
