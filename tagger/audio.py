@@ -2,6 +2,9 @@
 
 The only module that imports tensorflow_io. Nothing here goes into a model or a SavedModel: it
 runs in the converter's worker processes and in `tagger.predict`, never on the accelerator.
+
+Files are read in blocks (`stream`), mixed down and resampled block by block, so an hour-long
+track never needs more than a block of audio in memory; `decode` joins the blocks of short files.
 """
 import math
 import os
@@ -12,42 +15,106 @@ from tagger.cli import quiet_tensorflow
 
 SAMPLE_RATE = 16000
 EXTENSIONS = (".mp3", ".wav", ".flac", ".ogg")
+BLOCK_SECONDS = 30.0
 
 
 class AudioError(Exception):
     """A file that cannot be used: missing, empty, not audio, corrupt or too short."""
 
 
+class Stream:
+    """An open audio file read in blocks of float32 mono samples at `sample_rate`.
+
+    `len(stream)` is the number of output samples (known before reading: the container's frame
+    count, resampled), `info` = {"rate", "channels"} of the file. Iterating yields the blocks in
+    order; together they equal `scipy.signal.resample_poly` of the whole mixed-down file.
+    Raises AudioError with a one-line reason, on opening or midway through a corrupt file.
+    """
+
+    def __init__(self, path, sample_rate=SAMPLE_RATE, block_seconds=BLOCK_SECONDS):
+        quiet_tensorflow()
+        if not os.path.exists(path):
+            raise AudioError("file not found")
+        if os.path.getsize(path) == 0:
+            raise AudioError("empty file")
+        import tensorflow_io as tfio
+        with _decoder_errors():
+            self._audio = tfio.audio.AudioIOTensor(path)
+            self.frames, channels = (int(d) for d in self._audio.shape.numpy())
+            rate = int(self._audio.rate.numpy())
+        if self.frames <= 0 or channels <= 0 or rate <= 0:
+            raise AudioError("no audio samples")
+        self.info = {"rate": rate, "channels": channels}
+        g = math.gcd(rate, sample_rate)
+        self._up, self._down = sample_rate // g, rate // g
+        # resample_poly's filter reaches 10 * max(up, down) upsampled samples each side; `margin`
+        # input samples of context (a multiple of `down`, so blocks stay on the output grid) make
+        # each block's output exact.
+        reach = 10 * max(self._up, self._down) / self._up
+        self._margin = 0 if self._up == self._down else self._down * math.ceil((reach + 2) / self._down)
+        self._block = self._down * max(1, round(block_seconds * rate / self._down))
+        self.length = -(-self.frames * self._up // self._down)
+
+    def __len__(self):
+        return self.length
+
+    def _read(self, start, stop):
+        """Input samples [start, stop) mixed down to float32, validated."""
+        with _decoder_errors():
+            samples = self._audio[start:stop].numpy()
+        if samples.ndim != 2 or samples.shape[0] != stop - start:
+            raise AudioError(f"decoding stopped at {start / self.info['rate']:.1f} s of "
+                             f"{self.frames / self.info['rate']:.1f} s (truncated or corrupt)")
+        x = _to_float(samples).mean(axis=1)
+        if not np.all(np.isfinite(x)):
+            raise AudioError("decoded samples are not finite")
+        return x
+
+    def __iter__(self):
+        from scipy.signal import resample_poly
+        n, m, up, down = self.frames, self._margin, self._up, self._down
+        buf, buf_start, read_to = np.zeros(0, np.float32), 0, 0
+        for s in range(0, n, self._block):
+            e = min(s + self._block, n)
+            need = min(e + m, n)
+            if need > read_to:
+                buf = np.concatenate([buf, self._read(read_to, need)])
+                read_to = need
+            if up == down:
+                y = buf[s - buf_start:e - buf_start]
+            else:
+                a = max(0, s - m)      # a multiple of `down`, like s and m
+                y = resample_poly(buf[a - buf_start:], up, down)
+                first = (s - a) * up // down
+                y = y[first:first + -(-(e - s) * up // down)]
+            yield np.clip(y, -1.0, 1.0).astype(np.float32)
+            keep = max(0, e - m)
+            buf, buf_start = buf[keep - buf_start:], keep
+
+
+class _decoder_errors:
+    """Turns tensorflow-io's errors into AudioError("not decodable audio (reason)")."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        import tensorflow as tf
+        if kind is not None and issubclass(kind, (tf.errors.OpError, ValueError, RuntimeError)):
+            text = getattr(error, "message", str(error)).strip()
+            reason = text.splitlines()[-1] if text else kind.__name__
+            raise AudioError(f"not decodable audio ({reason[:120]})") from None
+        return False
+
+
 def decode(path, sample_rate=SAMPLE_RATE):
     """Decode a whole file to float32 mono in [-1, 1] at `sample_rate`.
 
     Returns (waveform, info) with info = {"rate": original rate, "channels": original channels}.
-    Raises AudioError with a one-line reason.
+    Raises AudioError with a one-line reason. For long files iterate over `Stream` instead.
     """
-    quiet_tensorflow()
-    if not os.path.exists(path):
-        raise AudioError("file not found")
-    if os.path.getsize(path) == 0:
-        raise AudioError("empty file")
-    import tensorflow as tf
-    import tensorflow_io as tfio
-    try:
-        audio = tfio.audio.AudioIOTensor(path)
-        rate = int(audio.rate.numpy())
-        samples = audio.to_tensor().numpy()
-    except (tf.errors.OpError, ValueError, RuntimeError) as e:
-        reason = getattr(e, "message", str(e)).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise AudioError(f"not decodable audio ({reason[:120]})") from None
-    if samples.ndim != 2 or samples.shape[0] == 0 or rate <= 0:
-        raise AudioError("no audio samples")
-    x = _to_float(samples).mean(axis=1)
-    if not np.all(np.isfinite(x)):
-        raise AudioError("decoded samples are not finite")
-    if rate != sample_rate:
-        from scipy.signal import resample_poly
-        g = math.gcd(rate, sample_rate)
-        x = resample_poly(x, sample_rate // g, rate // g).astype(np.float32)
-    return np.clip(x, -1.0, 1.0).astype(np.float32), {"rate": rate, "channels": int(samples.shape[1])}
+    stream = Stream(path, sample_rate)
+    return np.concatenate(list(stream)), stream.info
 
 
 def _to_float(samples):

@@ -61,15 +61,37 @@ def collect_files(paths):
     return files
 
 
-def tag_files(files, serving, clip_samples, hop, batch_size, on_error):
-    """Window every file, run the windows through `serving` in batches across files.
-
-    Returns [{"path", "duration", "starts", "window_probabilities", "probabilities"}] for the files
-    that decoded; `on_error(path, reason)` is called for the others.
+def track_windows(blocks, length, clip_samples, starts):
+    """The clip-length windows at `starts` of a track of `length` samples read as `blocks`,
+    zero-padded past its end. Holds at most one window and one block of the track at a time.
     """
     import numpy as np
 
-    from tagger.audio import AudioError, decode
+    blocks = iter(blocks)
+    buf, buf_start = np.zeros(0, np.float32), 0
+    for s in starts:
+        buf, buf_start = buf[max(0, s - buf_start):], max(s, buf_start)
+        end = min(s + clip_samples, length)
+        while buf_start + len(buf) < end:
+            block = next(blocks, None)
+            if block is None:
+                break
+            buf = np.concatenate([buf, block])
+        window = buf[s - buf_start:s - buf_start + clip_samples]
+        yield np.pad(window, (0, clip_samples - len(window)))
+
+
+def tag_files(files, serving, clip_samples, hop, batch_size, on_error):
+    """Window every file, run the windows through `serving` in batches across files.
+
+    Files are decoded block by block (`tagger.audio.Stream`), so memory holds one block and one
+    batch of windows whatever the tracks' lengths. Returns [{"path", "duration", "starts",
+    "window_probabilities", "probabilities"}] for the files that decoded; `on_error(path, reason)`
+    is called for the others.
+    """
+    import numpy as np
+
+    from tagger.audio import AudioError, Stream
     from tagger.export import window_starts
 
     results, batch = [], []
@@ -82,21 +104,22 @@ def tag_files(files, serving, clip_samples, hop, batch_size, on_error):
             batch.clear()
 
     for path in files:
+        result = None
         try:
-            x, _ = decode(path, SAMPLE_RATE)
+            stream = Stream(path, SAMPLE_RATE)
+            starts = window_starts(len(stream), clip_samples, hop)
+            result = {"path": path, "duration": round(len(stream) / SAMPLE_RATE, 3),
+                      "starts": [s / SAMPLE_RATE for s in starts], "window_probabilities": []}
+            results.append(result)
+            for window in track_windows(stream, len(stream), clip_samples, starts):
+                batch.append((result, window))
+                if len(batch) >= batch_size:
+                    flush()
         except AudioError as e:
+            if result is not None:      # failed midway: forget its windows
+                results.remove(result)
+                batch[:] = [(r, w) for r, w in batch if r is not result]
             on_error(path, str(e))
-            continue
-        starts = window_starts(len(x), clip_samples, hop)
-        result = {"path": path, "duration": round(len(x) / SAMPLE_RATE, 3),
-                  "starts": [s / SAMPLE_RATE for s in starts], "window_probabilities": []}
-        x = np.pad(x, (0, max(0, clip_samples - len(x))))
-        results.append(result)
-        for s in starts:
-            batch.append((result, x[s:s + clip_samples]))
-            if len(batch) >= batch_size:
-                flush()
-        del x
     flush()
     for r in results:
         r["window_probabilities"] = np.stack(r["window_probabilities"])

@@ -133,3 +133,12 @@ def test_tag_track_in_a_tensorflow_only_process_gives_the_cli_numbers(crnn_run, 
     assert out["rate"] == 16000 and out["modules"] == []
     cli = json.loads(_predict(model, track, "--format", "json").stdout)[0]["tags"]
     np.testing.assert_allclose(list(cli.values()), out["p"], atol=1e-5)
+
+
+def test_saved_model_cli_lists_both_signatures(crnn_run):
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    r = subprocess.run([cli, "show", "--dir", str(crnn_run[0] / "models" / "crnn"), "--all"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("serving_default", "tag_track", "tag_names"):
+        assert f"signature_def['{name}']" in r.stdout
