@@ -68,8 +68,8 @@ class Config:
                 + f"-b{self.batch_size}-e{self.epochs}-s{self.seed}{best}")
 
 
-def build_parser():
-    p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+def build_parser(prog=PROG):
+    p = ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--arch", choices=("cnn", "crnn"), default="crnn")
     p.add_argument("--data", help=f"TFRecords folder from tagger.prepare (default: {DEMO_DATA}, created if missing)")
     p.add_argument("--epochs", type=positive_int)
@@ -91,9 +91,9 @@ def build_parser():
     return p
 
 
-def config_from_args(argv):
+def config_from_args(argv, prog=PROG):
     """Presets (study, then demo when --data is omitted), overridden by explicit flags."""
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.momentum is not None and not 0 <= args.momentum < 1:
         parser.error(f"--momentum {args.momentum} must be in [0, 1)")

@@ -1,0 +1,297 @@
+"""Hyperparameter searches with KerasTuner: the study's Table I (CNN) and Fig. 7 (CRNN).
+
+    python -m tuning.search --arch cnn [--data DIR] [--epochs N] [--momentum 0.99,0.97,0.95,0.9,0]
+                            [--lr 0.001,0.002,0.005,0.01,0.02]
+    python -m tuning.search --arch crnn [--data DIR] [--epochs N] [--lr 1e-4,2e-4,5e-4,1e-3,2e-3]
+
+A grid search (KerasTuner's GridSearch) with objective val_auc (max): SGD momentum x learning rate
+for the CNN, Adam's learning rate for the CRNN. The models come from the same builders as
+tagger.train. Every trial is a TensorBoard run with its hyperparameters (the HParams tab). Running
+the same command again after an interruption goes on with the trials not yet done. Scale-out: set
+KERASTUNER_TUNER_ID (chief, tuner0, tuner1, ...), KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT
+and start the same command once per process (see the README).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+
+from tagger.cli import (EXIT_OK, ArgumentParser, UsageError, main_guard, positive_int,
+                        quiet_tensorflow)
+
+PROG = "python -m tuning.search"
+STUDY_GRID = {"momentum": (0.99, 0.97, 0.95, 0.9, 0.0), "lr": (0.001, 0.002, 0.005, 0.01, 0.02)}
+CRNN_LRS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3)
+# Epochs per trial on the demo data when --epochs is omitted: the whole grid in minutes on a laptop.
+DEMO_EPOCHS = {"cnn": 10, "crnn": 2}
+
+
+def number_list(low, high, what):
+    """argparse type: comma-separated numbers, each in [low, high)."""
+    def parse(text):
+        try:
+            values = tuple(float(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+        bad = [v for v in values if not low <= v < high]
+        if not values or bad:
+            raise argparse.ArgumentTypeError(f"{what} must be in [{low:g}, {high:g}): {text!r}")
+        if len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"{text!r} repeats a value")
+        return values
+    return parse
+
+
+def parse_args(argv):
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    p.add_argument("--arch", choices=("cnn", "crnn"), required=True)
+    p.add_argument("--data", help="TFRecords folder (default: the demo, tfrecords/demo, created if missing)")
+    p.add_argument("--epochs", type=positive_int, help=f"per trial (default: 20; on the demo {DEMO_EPOCHS})")
+    p.add_argument("--momentum", type=number_list(0, 1, "momenta"),
+                   help="CNN: SGD momenta (default: 0.99,0.97,0.95,0.9,0)")
+    p.add_argument("--lr", type=number_list(1e-12, math.inf, "learning rates"),
+                   help="learning rates (default: CNN 0.001,0.002,0.005,0.01,0.02; CRNN 1e-4,2e-4,5e-4,1e-3,2e-3)")
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--width", type=float, help="multiply channel counts (tests, quick checks)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="search folder (default: runs/search-<arch>-<data>-...)")
+    p.add_argument("--runs-dir", default="runs")
+    args = p.parse_args(argv)
+    if args.arch == "crnn" and args.momentum:
+        p.error("--momentum is for the CNN's SGD; the CRNN search tunes Adam's --lr")
+    if args.width is not None and args.width <= 0:
+        p.error(f"--width {args.width} must be greater than 0")
+    return args
+
+
+def search_config(args):
+    """The base training Config of every trial (the grid replaces lr and momentum) and the grid."""
+    from tagger import train
+    demo = args.data is None
+    values = {**train.STUDY[args.arch], **(train.DEMO[args.arch] if demo else {})}
+    values.update(optimizer="sgd" if args.arch == "cnn" else "adam",
+                  epochs=args.epochs or (DEMO_EPOCHS[args.arch] if demo else values["epochs"]))
+    for key in ("batch_size", "width"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    config = train.Config(arch=args.arch, data=args.data or train.DEMO_DATA, demo=demo, seed=args.seed,
+                          runs_dir=args.runs_dir, **values)
+    if args.arch == "cnn":
+        grid = {"momentum": args.momentum or STUDY_GRID["momentum"], "lr": args.lr or STUDY_GRID["lr"]}
+    else:
+        grid = {"lr": args.lr or CRNN_LRS}
+    return config, grid
+
+
+def default_out(config):
+    data = os.path.basename(config.data.rstrip("/"))
+    width = f"-w{config.width:g}" if config.width != 1 else ""
+    return (f"{config.runs_dir}/search-{config.arch}{width}-{data}-{config.optimizer}-b{config.batch_size}"
+            f"-e{config.epochs}-s{config.seed}")
+
+
+def check_search_folder(out, settings):
+    """The same search resumes; a folder holding another search is refused."""
+    import tensorflow as tf
+    path = f"{out}/search.json"
+    if tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as f:
+            before = json.load(f)
+        diff = [k for k in settings if before.get(k) != settings[k]]
+        if diff:
+            raise UsageError(f"{out} holds a search with other settings ({', '.join(diff)} differ): pass "
+                             "another --out, or the flags of that search to resume it")
+    else:
+        tf.io.gfile.makedirs(out)
+        with tf.io.gfile.GFile(path, "w") as f:
+            json.dump(settings, f, indent=1)
+
+
+def make_tuner(config, grid, manifest, out):
+    """A GridSearch over `grid` whose models come from tagger.train's builders."""
+    import keras
+    import keras_tuner as kt
+
+    from tagger import train
+    ResumableGridSearchOracle = _resumable_grid_oracle()
+
+    class TaggerHyperModel(kt.HyperModel):
+        def build(self, hp):
+            values = {"lr": hp.Choice("lr", list(grid["lr"]))}
+            if "momentum" in grid:
+                values["momentum"] = hp.Choice("momentum", list(grid["momentum"]))
+            trial_config = dataclasses.replace(config, **values)
+            keras.utils.set_random_seed(config.seed)
+            return train.compile_model(train.build_model(trial_config, manifest), trial_config)
+
+    class TaggerSearch(kt.Tuner):
+        def run_trial(self, trial, *args, **kwargs):
+            """Fit once; report the best val_auc of the epochs before any divergence, and every
+            epoch's val_auc (for the learning-rate curves) as metrics of the trial."""
+            history = super().run_trial(trial, *args, **kwargs)
+            history = (history[0] if isinstance(history, list) else history).history
+            losses, aucs = history.get("loss", []), history.get("val_auc", [])
+            finite = [a for loss, a in zip(losses, aucs) if math.isfinite(loss) and math.isfinite(a)]
+            metrics = {"val_auc": max(finite) if finite else 0.0, "epochs_run": float(len(aucs)),
+                       "diverged": float(len(finite) < len(aucs) or len(aucs) < len(losses))}
+            metrics.update({f"val_auc_epoch_{i + 1:03d}": float(a) for i, a in enumerate(aucs)})
+            return metrics
+
+    oracle = ResumableGridSearchOracle(objective=kt.Objective("val_auc", "max"), max_consecutive_failed_trials=1000)
+    return TaggerSearch(oracle=oracle, hypermodel=TaggerHyperModel(), directory=out, project_name="tuner",
+                        overwrite=False)
+
+
+def _resumable_grid_oracle():
+    import functools
+
+    import keras_tuner as kt
+    from keras_tuner.src.tuners.gridsearch import LinkedList
+
+    class ResumableGridSearchOracle(kt.oracles.GridSearchOracle):
+        """GridSearchOracle that can resume: KerasTuner 1.4.7 does not save the order of the tried
+        combinations, so a reloaded grid search either stops early or fails (KeyError) on the trial
+        that was cut off. Rebuild that order from the trials on disk."""
+
+        def reload(self):
+            super().reload()
+            order = functools.cmp_to_key(lambda a, b: self._compare(self.trials[a].hyperparameters.values,
+                                                                    self.trials[b].hyperparameters.values))
+            ids = sorted(self.trials, key=order)
+            self._ordered_ids = LinkedList()
+            for trial_id in ids:
+                self._ordered_ids.insert(trial_id)
+            self._populate_next = list(ids)
+
+    return ResumableGridSearchOracle
+
+
+def collect(trials, grid):
+    """{(momentum or None, lr): {"val_auc", "diverged", "curve": [per-epoch val_auc], "trial"}}."""
+    cells = {}
+    for trial in trials:
+        if trial.status != "COMPLETED":
+            continue
+        hp = trial.hyperparameters.values
+        m = trial.metrics
+        epochs = sorted(k for k in m.metrics if k.startswith("val_auc_epoch_"))
+        cells[(hp.get("momentum"), hp["lr"])] = {
+            "val_auc": m.get_best_value("val_auc"), "diverged": bool(m.get_best_value("diverged")),
+            "curve": [m.get_best_value(k) for k in epochs], "trial": trial.trial_id}
+    return cells
+
+
+def write_table(out, cells, grid, arch):
+    """Table I: rows momentum (or the optimizer), columns learning rate, cells the best validation
+    ROC-AUC of the trial; the best cell in bold. CSV and Markdown; returns the Markdown."""
+    rows = grid.get("momentum", (None,))
+    done = {k: v for k, v in cells.items() if not v["diverged"] or v["val_auc"] > 0}
+    best = max(done, key=lambda k: done[k]["val_auc"]) if done else None
+
+    def cell(key, bold):
+        c = cells.get(key)
+        if c is None:
+            return "not run"
+        text = f"{c['val_auc']:.4f}" + (" (diverged)" if c["diverged"] else "")
+        return f"**{text}**" if bold and key == best else text
+
+    head = "momentum \\ lr" if arch == "cnn" else "optimizer \\ lr"
+    label = (lambda m: f"{m:g}") if arch == "cnn" else (lambda m: "adam")
+    lines = [f"| {head} | " + " | ".join(f"{lr:g}" for lr in grid["lr"]) + " |",
+             "|---" * (len(grid["lr"]) + 1) + "|"]
+    with open(os.path.join(out, "table.csv"), "w") as f:
+        f.write(("momentum" if arch == "cnn" else "optimizer") + "," + ",".join(f"{lr:g}" for lr in grid["lr"]) + "\n")
+        for m in rows:
+            f.write(label(m) + "," + ",".join(cell((m, lr), False) for lr in grid["lr"]) + "\n")
+            lines.append(f"| {label(m)} | " + " | ".join(cell((m, lr), True) for lr in grid["lr"]) + " |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(f"Best validation ROC-AUC per trial ({arch}); bold: the best trial.\n\n{text}")
+    return text, best
+
+
+def write_curves(out, cells, grid):
+    """The study's Fig. 7: validation ROC-AUC per epoch for each learning rate, CSV and PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    curves = {lr: cells[(None, lr)]["curve"] for lr in grid["lr"] if (None, lr) in cells}
+    epochs = max((len(c) for c in curves.values()), default=0)
+    with open(os.path.join(out, "val_auc_per_epoch.csv"), "w") as f:
+        f.write("epoch," + ",".join(f"lr={lr:g}" for lr in curves) + "\n")
+        for e in range(epochs):
+            f.write(f"{e + 1}," + ",".join(f"{c[e]:.4f}" if e < len(c) else "" for c in curves.values()) + "\n")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for lr, c in curves.items():
+        ax.plot(range(1, len(c) + 1), c, "o-", ms=3, label=f"lr {lr:g}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation ROC-AUC")
+    ax.set_title("CRNN, Adam: validation ROC-AUC per epoch")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "val_auc_per_epoch.png"), dpi=110)
+    plt.close(fig)
+
+
+def run(args):
+    from tagger import train
+    config, grid = search_config(args)
+    if not config.demo and "://" not in config.data and not os.path.isfile(os.path.join(config.data, "manifest.json")):
+        raise UsageError(f"--data {config.data} is not a TFRecords folder from tagger.prepare (no "
+                         "manifest.json there): prepare it first, or check the path")
+    out = args.out or default_out(config)
+    tuner_id = os.environ.get("KERASTUNER_TUNER_ID")
+    if "KERASTUNER_ORACLE_IP" in os.environ and (not tuner_id or "KERASTUNER_ORACLE_PORT" not in os.environ):
+        raise UsageError("KERASTUNER_ORACLE_IP is set: set KERASTUNER_ORACLE_PORT and KERASTUNER_TUNER_ID "
+                         "(chief on one process, tuner0, tuner1, ... on the others) too")
+    distributed = "KERASTUNER_ORACLE_IP" in os.environ
+    chief = not distributed or "chief" in tuner_id
+    print(f"Search ({'chief' if chief and distributed else tuner_id or 'one process'}): {config.arch}, "
+          + ", ".join(f"{k} {', '.join(f'{v:g}' for v in vs)}" for k, vs in grid.items())
+          + f"; {config.epochs} epochs per trial, batch {config.batch_size}, data {config.data}; in {out}",
+          file=sys.stderr)
+    if config.demo:
+        train.ensure_demo_data(config)
+    quiet_tensorflow()
+    import keras
+
+    from tagger import data
+    manifest = data.load_manifest(config.data)
+    train.build_model(config, manifest)    # a length/stride that does not fit the clips: one line now
+    settings = {"config": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("runs_dir", "models_dir")},
+                "grid": {k: list(v) for k, v in grid.items()}}
+    check_search_folder(out, settings)
+    tuner = make_tuner(config, grid, manifest, out)
+    train_ds = data.dataset(config.data, "train", config.arch, config.batch_size, manifest,
+                            shuffle_seed=config.seed, shuffle_buffer=config.shuffle_buffer)
+    valid_ds = data.dataset(config.data, "valid", config.arch, config.batch_size, manifest)
+    tuner.search(train_ds, validation_data=valid_ds, epochs=config.epochs,
+                 verbose=1 if sys.stdout.isatty() else 2,
+                 callbacks=[keras.callbacks.TensorBoard(f"{out}/tensorboard", update_freq="epoch", profile_batch=0),
+                            keras.callbacks.TerminateOnNaN()])
+    if not chief:
+        print(f"Worker {tuner_id}: no trials left; the chief writes the tables")
+        return EXIT_OK
+    cells = collect(tuner.oracle.trials.values(), grid)
+    table, best = write_table(out, cells, grid, config.arch)
+    print("\nBest validation ROC-AUC per trial:\n\n" + table)
+    if best:
+        what = (f"momentum {best[0]:g}, " if best[0] is not None else "") + f"lr {best[1]:g}"
+        print(f"Best: {what} (validation ROC-AUC {cells[best]['val_auc']:.4f}, trial {cells[best]['trial']})")
+    written = [f"{out}/table.md", f"{out}/table.csv"]
+    if config.arch == "crnn":
+        write_curves(out, cells, grid)
+        written += [f"{out}/val_auc_per_epoch.csv", f"{out}/val_auc_per_epoch.png"]
+    print("Wrote " + ", ".join(written))
+    print(f"  trials and their curves with hyperparameters: tensorboard --logdir {out}/tensorboard (HParams tab)")
+    return EXIT_OK
+
+
+def main(argv=None):
+    return main_guard(PROG, run, parse_args(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
