@@ -253,7 +253,7 @@ def run(config):
         exported_epoch = checkpoint.best["epoch"]
 
     test_ds = data.dataset(config.data, "test", layout, config.batch_size, manifest)
-    y, p = evaluate.predict_dataset(tf.function(lambda w: model(w, training=False), reduce_retracing=True), test_ds)
+    y, p = evaluate.predict_dataset(model.predict_on_batch, test_ds)
     test = evaluate.tag_metrics(y, p, manifest["tags"])
     evaluate.write_report(run_dir, test, manifest["tag_counts"]["train"],
                           f"{config.run_name}: test ROC-AUC {test['roc_auc']:.4f}",
@@ -261,6 +261,7 @@ def run(config):
     metrics = {"test": test, "epochs": config.epochs, "exported_epoch": exported_epoch,
                "restore_best": config.restore_best, "train_seconds": round(train_seconds, 1),
                "history": checkpoint.history, "test_clips": int(len(y)),
+               "train_tag_counts": manifest["tag_counts"]["train"],
                "seed": config.seed, "data_split": manifest["split"],
                "manifest_sha256": info["manifest_sha256"], "git_commit": info["git_commit"],
                "versions": info["versions"]}

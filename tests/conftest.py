@@ -40,6 +40,20 @@ def tiny_records(tiny_release, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def long_records(tmp_path_factory):
+    """TFRecords of 10.24 s clips (the demo's length, where every CNN length/stride fits): 24 train,
+    4 valid, 9 test."""
+    from tagger import demo, prepare
+    root = tmp_path_factory.mktemp("long_release")
+    demo.write_demo(str(root), seed=5, workers=1,
+                    clips_per_part={**{p: 2 for p in "0123456789ab"}, "c": 4, **{p: 3 for p in "def"}})
+    out = str(tmp_path_factory.mktemp("long_records") / "long")
+    assert prepare.main(["--source", "mtat", "--mtat-dir", str(root), "--out", out, "--clip-seconds", "10.24",
+                         "--workers", "2"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def crnn_run(tiny_records, tmp_path_factory):
     """A tiny CRNN trained for two epochs on the tiny records, exported: (tmp folder, CompletedProcess)."""
     tmp = tmp_path_factory.mktemp("crnn_run")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.signal import resample_poly
 
-from tagger.audio import AudioError, Stream, decode
+from tagger.audio import AudioError, Stream
 from tagger.export import window_starts
 from tagger.predict import track_windows
 

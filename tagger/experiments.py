@@ -1,0 +1,267 @@
+"""The study's experiments, one command each.
+
+    python -m tagger.experiments table2 [--data DIR] [--runs 5] [--epochs N] [training flags]
+    python -m tagger.experiments repeat --arch crnn [--runs 5] [--data DIR] [training flags]
+    python -m tagger.experiments compare saved_models/A saved_models/B
+
+table2: the CNN at the five length/stride pairs, N seeds each; test ROC-AUC and PR-AUC mean ± std
+per pair (the study's Table II). repeat: one configuration over N seeds (the headline figure).
+compare: per-tag test ROC-AUC of two exports side by side with each tag's train count (Fig. 5).
+The runs are ordinary tagger.train runs (runs/<name>/, saved_models/<name>/), named from their
+settings and seed; a run whose export already exists with the same settings is reused. Any flag of
+tagger.train (--lr, --optimizer, --batch-size, --width, ...) passes through to every run.
+"""
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+
+from tagger.cli import (EXIT_FAILED, EXIT_OK, ArgumentParser, UsageError, main_guard, positive_int,
+                        quiet_tensorflow)
+
+PROG = "python -m tagger.experiments"
+PAIRS = ((1024, 1024), (1024, 512), (512, 512), (512, 256), (256, 256))
+
+
+def parse_args(argv):
+    """(args, configs): the experiment's own flags and the training Config of every run, all checked
+    before anything is imported or trained."""
+    from tagger import train
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="{table2,repeat,compare}")
+    for name, text in (("table2", "the CNN at the five length/stride pairs (Table II)"),
+                       ("repeat", "one configuration over several seeds")):
+        s = sub.add_parser(name, help=text, description=text, prog=f"{PROG} {name}")
+        s.error = p.error
+        s.add_argument("--runs", type=positive_int, default=5, help="seeds per configuration (default 5)")
+        s.add_argument("--seed", type=int, default=0, help="the first seed (default 0)")
+        s.add_argument("--out", help="folder for the tables (default: under runs/experiments/)")
+    c = sub.add_parser("compare", help="per-tag ROC-AUC of two exports (Fig. 5)", prog=f"{PROG} compare")
+    c.error = p.error
+    c.add_argument("models", nargs=2, metavar="MODEL", help="export folders under saved_models/")
+    c.add_argument("--out", help="folder for the chart and table (default: runs/compare/A-vs-B)")
+    args, rest = p.parse_known_args(argv)
+    if args.command == "compare":
+        if rest:
+            p.error(f"unrecognized arguments: {' '.join(rest)}")
+        return args, []
+    for flag in ("--seed", "--run-name") + (("--arch", "--length", "--stride") if args.command == "table2" else ()):
+        if any(a == flag or a.startswith(flag + "=") for a in rest):
+            p.error(f"{flag} is set by '{args.command}' itself")
+    prog = f"{PROG} {args.command}"
+    if args.command == "table2":
+        rest = ["--arch", "cnn", *rest]
+        grid = [["--length", str(length), "--stride", str(stride)] for length, stride in PAIRS]
+    else:
+        grid = [[]]
+    configs = [train.config_from_args([*rest, *shape, "--seed", str(args.seed + i)], prog=prog)
+               for shape in grid for i in range(args.runs)]
+    return args, configs
+
+
+def finished_metrics(config):
+    """The metrics.json of an export made with exactly this config, or None."""
+    import tensorflow as tf
+    folder = f"{config.models_dir}/{config.run_name}"
+    if not (tf.io.gfile.exists(f"{folder}/metrics.json") and tf.io.gfile.exists(f"{folder}/config.json")):
+        return None
+    with tf.io.gfile.GFile(f"{folder}/config.json") as f:
+        before = json.load(f).get("config", {})
+    mine = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("runs_dir", "models_dir")}
+    if any(before.get(k) != v for k, v in mine.items()):
+        return None
+    with tf.io.gfile.GFile(f"{folder}/metrics.json") as f:
+        return json.load(f)
+
+
+def train_all(configs):
+    """Train (or reuse) every config in this process. Returns [(config, metrics or None)]."""
+    from tagger import train
+    results = []
+    for i, config in enumerate(configs, 1):
+        metrics = finished_metrics(config)
+        if metrics is not None:
+            print(f"[{i}/{len(configs)}] {config.run_name}: reused (its export exists with the same settings)",
+                  file=sys.stderr)
+        else:
+            print(f"[{i}/{len(configs)}] {config.run_name}: training", file=sys.stderr)
+            status = train.run(config)
+            import keras
+            keras.backend.clear_session()
+            metrics = finished_metrics(config) if status == EXIT_OK else None
+            if metrics is None:
+                print(f"[{i}/{len(configs)}] {config.run_name}: failed (status {status}); left out of the "
+                      "statistics", file=sys.stderr)
+        results.append((config, metrics))
+    return results
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (n - 1; 0 for a single value), as the study reports ±."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    mean = sum(values) / n
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+
+
+def summarize(groups):
+    """groups: [(label dict, [(config, metrics)])] -> table rows with mean ± std."""
+    rows = []
+    for label, runs in groups:
+        done = [m for _, m in runs if m is not None]
+        roc = mean_std([m["test"]["roc_auc"] for m in done])
+        pr = mean_std([m["test"]["pr_auc"] for m in done])
+        rows.append({**label, "runs": len(done), "failed": len(runs) - len(done),
+                     "roc_auc_mean": roc[0], "roc_auc_std": roc[1], "pr_auc_mean": pr[0], "pr_auc_std": pr[1],
+                     "run_names": " ".join(c.run_name for c, _ in runs)})
+    return rows
+
+
+def write_tables(out, name, rows, label_keys, title):
+    """name.csv and name.md under out; returns the Markdown table."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+    lines = ["| " + " | ".join(label_keys) + " | runs | test ROC-AUC | test PR-AUC |",
+             "|---" * (len(label_keys) + 3) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row[k]) for k in label_keys) + f" | {row['runs']}"
+                     + (f" ({row['failed']} failed)" if row["failed"] else "")
+                     + f" | {row['roc_auc_mean']:.4f} ± {row['roc_auc_std']:.4f}"
+                     + f" | {row['pr_auc_mean']:.4f} ± {row['pr_auc_std']:.4f} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(f"{title}\n\n{text}")
+    return text
+
+
+def series_name(config, runs, first_seed):
+    """A run name without its seed and CNN shape, for the folder of a series of runs."""
+    name = config.run_name.rsplit(f"-s{config.seed}", 1)[0]
+    if config.arch == "cnn":
+        name = name.replace(f"-l{config.length}s{config.stride}", "")
+    return f"{name}-seeds{first_seed}-{first_seed + runs - 1}"
+
+
+def run_series(args, configs):
+    from tagger import train
+    first = configs[0]
+    if first.demo:
+        train.ensure_demo_data(first)
+    quiet_tensorflow()
+    from tagger import data
+    manifest = data.load_manifest(first.data)
+    for config in {dataclasses.replace(c, seed=0, run_name=""): c for c in configs}.values():
+        train.build_model(config, manifest)   # a length/stride that does not fit: one line, before training
+    results = train_all(configs)
+    if args.command == "table2":
+        groups = [({"length": length, "stride": stride},
+                   [(c, m) for c, m in results if (c.length, c.stride) == (length, stride)]) for length, stride in PAIRS]
+        keys, title = ["length", "stride"], "CNN test ROC-AUC and PR-AUC, mean ± sample std over seeds (Table II)"
+    else:
+        shape = f"{first.length}/{first.stride}" if first.arch == "cnn" else f"gru{first.gru_units}"
+        groups = [({"arch": first.arch, "shape": shape}, results)]
+        keys, title = ["arch", "shape"], f"{first.arch} test ROC-AUC and PR-AUC, mean ± sample std over seeds"
+    out = args.out or f"{first.runs_dir}/experiments/{args.command}-{series_name(first, args.runs, args.seed)}"
+    rows = summarize(groups)
+    table = write_tables(out, args.command, rows, keys, title)
+    if args.command == "repeat":
+        with open(os.path.join(out, "runs.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["run", "seed", "test_roc_auc", "test_pr_auc"])
+            for c, m in results:
+                w.writerow([c.run_name, c.seed, *((f"{m['test']['roc_auc']:.4f}", f"{m['test']['pr_auc']:.4f}")
+                                                  if m else ("", ""))])
+    print(f"\n{title}:\n\n{table}")
+    print(f"Wrote {out}/{args.command}.md and {args.command}.csv" + (" and runs.csv" if args.command == "repeat" else "")
+          + f"; the runs are under {first.runs_dir}/ and {first.models_dir}/")
+    return EXIT_FAILED if any(m is None for _, m in results) else EXIT_OK
+
+
+def load_export_metrics(folder):
+    """(test per-tag metrics, train counts) of an export."""
+    paths = [os.path.join(folder, n) for n in ("metrics.json", "config.json")]
+    if not all(os.path.isfile(p) for p in paths):
+        raise UsageError(f"{folder} is not a tagger export (no metrics.json and config.json): pass folders "
+                         "under saved_models/")
+    with open(paths[0]) as f:
+        metrics = json.load(f)
+    with open(paths[1]) as f:
+        config = json.load(f)
+    counts = metrics.get("train_tag_counts")
+    if counts is None:
+        manifest = os.path.join(config.get("data", ""), "manifest.json")
+        if not os.path.isfile(manifest):
+            raise UsageError(f"{folder} does not record its train tag counts and its data "
+                             f"{config.get('data')} is gone: retrain it, or restore the data")
+        with open(manifest) as f:
+            counts = json.load(f)["tag_counts"]["train"]
+    return metrics["test"]["per_tag"], counts
+
+
+def compare(args):
+    a, b = (m.rstrip("/") for m in args.models)
+    (tags_a, counts), (tags_b, _) = load_export_metrics(a), load_export_metrics(b)
+    if list(tags_a) != list(tags_b):
+        raise UsageError(f"{a} and {b} have different tags: compare models trained on the same tag set")
+    name_a, name_b = os.path.basename(a), os.path.basename(b)
+    out = args.out or os.path.join("runs", "compare", f"{name_a}-vs-{name_b}")
+    os.makedirs(out, exist_ok=True)
+    tags = sorted(tags_a, key=lambda t: -counts.get(t, 0))
+    with open(os.path.join(out, "per_tag.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["tag", "train_count", f"roc_auc_{name_a}", f"roc_auc_{name_b}", "difference"])
+        for t in tags:
+            ra, rb = tags_a[t]["roc_auc"], tags_b[t]["roc_auc"]
+            w.writerow([t, counts.get(t, 0), "" if ra is None else f"{ra:.4f}", "" if rb is None else f"{rb:.4f}",
+                        "" if None in (ra, rb) else f"{rb - ra:+.4f}"])
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    x = range(len(tags))
+    fig, ax = plt.subplots(figsize=(max(7, 0.32 * len(tags) + 2), 4.5))
+    ax.bar([i - 0.2 for i in x], [tags_a[t]["roc_auc"] or 0 for t in tags], 0.4, color="tab:red", label=name_a)
+    ax.bar([i + 0.2 for i in x], [tags_b[t]["roc_auc"] or 0 for t in tags], 0.4, color="tab:green", label=name_b)
+    ax.set_ylim(0.4, 1.0)
+    ax.set_ylabel("test ROC-AUC")
+    ax.set_xticks(list(x), tags, rotation=90, fontsize=8)
+    ax2 = ax.twinx()
+    ax2.plot(list(x), [counts.get(t, 0) for t in tags], "o-", color="tab:blue", ms=3, label="train count")
+    ax2.set_ylabel("clips in train split")
+    ax.legend(loc="lower left", fontsize=7)
+    ax.set_title("Per-tag test ROC-AUC (bars) and train count (line)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "per_tag.png"), dpi=110)
+    plt.close(fig)
+    wins = sum(1 for t in tags if None not in (tags_a[t]["roc_auc"], tags_b[t]["roc_auc"])
+               and tags_b[t]["roc_auc"] > tags_a[t]["roc_auc"])
+    print(f"{name_b} beats {name_a} on {wins} of {len(tags)} tags")
+    print(f"Wrote {out}/per_tag.csv and {out}/per_tag.png")
+    return EXIT_OK
+
+
+def run(parsed):
+    args, configs = parsed
+    if args.command == "compare":
+        return compare(args)
+    data = {c.data for c in configs}
+    for d in data:
+        if not configs[0].demo and "://" not in d and not os.path.isfile(os.path.join(d, "manifest.json")):
+            raise UsageError(f"--data {d} is not a TFRecords folder from tagger.prepare (no manifest.json "
+                             "there): prepare it first, or check the path")
+    return run_series(args, configs)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    return main_guard(PROG, run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The study's experiments on tiny data: Table II's five rows, reuse of finished runs, the repeat
+statistics, and the per-tag comparison of two exports."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from tagger.experiments import PAIRS
+
+TINY = ["--epochs", "1", "--width", "0.25"]
+
+
+def _metrics(models, name):
+    return json.loads((models / name / "metrics.json").read_text())
+
+
+def _csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def table2(long_records, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("experiments")
+    dirs = ["--runs-dir", tmp / "runs", "--models-dir", tmp / "models"]
+    r = run_cli("tagger.experiments", "table2", "--data", long_records, "--runs", "1", *TINY, *dirs)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp, dirs, r
+
+
+def test_table2_has_five_rows_from_the_runs(table2):
+    tmp, _, r = table2
+    out = [line.split("Wrote ")[1].split("/table2.md")[0] for line in r.stdout.splitlines() if line.startswith("Wrote")][0]
+    rows = _csv(f"{out}/table2.csv")
+    assert [(int(row["length"]), int(row["stride"])) for row in rows] == list(PAIRS)
+    for row in rows:
+        m = _metrics(tmp / "models", row["run_names"])
+        assert float(row["roc_auc_mean"]) == pytest.approx(m["test"]["roc_auc"], abs=5e-5)
+        assert float(row["pr_auc_mean"]) == pytest.approx(m["test"]["pr_auc"], abs=5e-5)
+        assert row["runs"] == "1" and float(row["roc_auc_std"]) == 0
+        assert f"-l{row['length']}s{row['stride']}-" in row["run_names"]
+    md = open(f"{out}/table2.md").read()
+    assert md.count("\n| 1024 |") == 2 and md.count(" | 1 | ") == 5 and md.count(" ± 0.0000") == 10
+
+
+def test_finished_runs_are_reused_and_repeat_statistics(table2, long_records):
+    tmp, dirs, _ = table2
+    r = run_cli("tagger.experiments", "table2", "--data", long_records, "--runs", "1", *TINY, *dirs)
+    assert r.returncode == 0 and r.stderr.count("reused") == 5 and ": training" not in r.stderr, r.stderr[-2000:]
+
+    r = run_cli("tagger.experiments", "repeat", "--arch", "cnn", "--length", "256", "--stride", "256", "--runs", "2",
+                "--data", long_records, *TINY, *dirs)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("reused") == 1 and r.stderr.count(": training") == 1   # seed 0 is table2's run
+    out = [line.split("Wrote ")[1].split("/repeat.md")[0] for line in r.stdout.splitlines() if line.startswith("Wrote")][0]
+    runs = _csv(f"{out}/runs.csv")
+    assert [row["seed"] for row in runs] == ["0", "1"]
+    roc = [_metrics(tmp / "models", row["run"])["test"]["roc_auc"] for row in runs]
+    summary = _csv(f"{out}/repeat.csv")[0]
+    assert float(summary["roc_auc_mean"]) == pytest.approx(np.mean(roc), abs=5e-5)
+    assert float(summary["roc_auc_std"]) == pytest.approx(np.std(roc, ddof=1), abs=5e-5)
+
+
+def test_compare_two_models(table2):
+    tmp, _, _ = table2
+    a, b = sorted((tmp / "models").iterdir())[:2]
+    out = tmp / "compare"
+    r = run_cli("tagger.experiments", "compare", a, b, "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = _csv(out / "per_tag.csv")
+    ma, mb = _metrics(tmp / "models", a.name), _metrics(tmp / "models", b.name)
+    assert {row["tag"] for row in rows} == set(ma["test"]["per_tag"])
+    counts = [int(row["train_count"]) for row in rows]
+    assert counts == sorted(counts, reverse=True) and counts == sorted(ma["train_tag_counts"].values(), reverse=True)
+    for row in rows:
+        for m, key in ((ma, f"roc_auc_{a.name}"), (mb, f"roc_auc_{b.name}")):
+            value = m["test"]["per_tag"][row["tag"]]["roc_auc"]
+            assert row[key] == ("" if value is None else f"{value:.4f}")
+    assert (out / "per_tag.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["table2", "--arch", "crnn"], "--arch is set by 'table2' itself"),
+    (["table2", "--runs", "0"], "at least 1"),
+    (["repeat", "--arch", "rnn"], "invalid choice"),
+    (["repeat", "--data", "/no/such/records"], "no manifest.json"),
+    (["compare", "/no/model/a", "/no/model/b"], "is not a tagger export"),
+    (["bogus"], "invalid choice"),
+])
+def test_usage_errors(args, message):
+    r = run_cli("tagger.experiments", *args)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_length_stride_that_does_not_fit_the_clips(tiny_records):
+    r = run_cli("tagger.experiments", "table2", "--data", tiny_records, "--runs", "1", *TINY)
+    assert r.returncode == 2 and "length 1024 / stride 1024 does not fit" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
