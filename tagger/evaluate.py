@@ -6,15 +6,13 @@ Writes per-tag ROC-AUC / PR-AUC with each tag's train count (CSV), a per-tag bar
 TensorBoard image when a log folder is given) and metrics.json. A tag with one class only in the
 split has no AUC: it is reported as null and left out of the macro averages, with a warning.
 """
-import csv
-import io
 import json
-import os
 import sys
 import warnings
 
 import numpy as np
 
+from tagger import files
 from tagger.cli import (EXIT_OK, ArgumentParser, UsageError, main_guard, positive_int,
                         quiet_tensorflow)
 
@@ -50,13 +48,11 @@ def tag_metrics(y_true, y_prob, tags):
 
 
 def write_per_tag_csv(path, metrics, train_counts):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["tag", "roc_auc", "pr_auc", "test_positives", "train_count"])
-        for tag, m in metrics["per_tag"].items():
-            w.writerow([tag, "" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}",
-                        "" if m["pr_auc"] is None else f"{m['pr_auc']:.4f}", m["positives"],
-                        train_counts.get(tag, 0)])
+    rows = [["tag", "roc_auc", "pr_auc", "test_positives", "train_count"]]
+    for tag, m in metrics["per_tag"].items():
+        rows.append([tag, "" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}",
+                     "" if m["pr_auc"] is None else f"{m['pr_auc']:.4f}", m["positives"], train_counts.get(tag, 0)])
+    files.write_text(path, files.csv_text(rows))
 
 
 def per_tag_figure(metrics, train_counts, title):
@@ -77,19 +73,15 @@ def per_tag_figure(metrics, train_counts, title):
     ax2.set_ylabel("clips in train split")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return files.figure_png(fig)
 
 
 def write_report(out_dir, metrics, train_counts, title, tensorboard_dir=None, step=0):
     """per_tag.csv and per_tag.png under out_dir; the figure as a TensorBoard image too."""
-    os.makedirs(out_dir, exist_ok=True)
-    write_per_tag_csv(os.path.join(out_dir, "per_tag.csv"), metrics, train_counts)
+    files.makedirs(out_dir)
+    write_per_tag_csv(f"{out_dir}/per_tag.csv", metrics, train_counts)
     png = per_tag_figure(metrics, train_counts, title)
-    with open(os.path.join(out_dir, "per_tag.png"), "wb") as f:
-        f.write(png)
+    files.write_bytes(f"{out_dir}/per_tag.png", png)
     if tensorboard_dir:
         import tensorflow as tf
         with tf.summary.create_file_writer(tensorboard_dir).as_default():
@@ -126,10 +118,10 @@ def parse_args(argv):
 
 
 def run(args):
-    if not os.path.isfile(os.path.join(args.model, "config.json")):
+    model_dir = args.model.rstrip("/")
+    if not files.exists(f"{model_dir}/config.json"):
         raise UsageError(f"{args.model} is not a tagger export (no config.json): pass a folder under saved_models/")
-    with open(os.path.join(args.model, "config.json")) as f:
-        config = json.load(f)
+    config = json.loads(files.read_text(f"{model_dir}/config.json"))
     data_dir = args.data or config["data"]
     quiet_tensorflow()
     import tensorflow as tf
@@ -140,10 +132,10 @@ def run(args):
     ds = data.dataset(data_dir, args.split, "crnn", args.batch_size, manifest=manifest)
     y, p = predict_dataset(lambda w: serving(waveform=w)["probabilities"], ds)
     metrics = tag_metrics(y, p, manifest["tags"])
-    out = args.out or os.path.join(args.model, f"eval-{args.split}")
+    out = (args.out or f"{model_dir}/eval-{args.split}").rstrip("/")
     write_report(out, metrics, manifest["tag_counts"]["train"], f"{args.model} on {data_dir} ({args.split})")
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump({args.split: metrics, "data": data_dir, "model": args.model}, f, indent=1)
+    files.write_text(f"{out}/metrics.json", json.dumps({args.split: metrics, "data": data_dir, "model": args.model},
+                                                        indent=1))
     print(f"{args.split}: ROC-AUC {metrics['roc_auc']:.4f}  PR-AUC {metrics['pr_auc']:.4f}  ({len(y)} clips)")
     print(f"Wrote {out}/metrics.json, per_tag.csv and per_tag.png")
     return EXIT_OK

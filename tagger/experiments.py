@@ -11,13 +11,13 @@ The runs are ordinary tagger.train runs (runs/<name>/, saved_models/<name>/), na
 settings and seed; a run whose export already exists with the same settings is reused. Any flag of
 tagger.train (--lr, --optimizer, --batch-size, --width, ...) passes through to every run.
 """
-import csv
 import dataclasses
 import json
 import math
 import os
 import sys
 
+from tagger import files
 from tagger.cli import (EXIT_FAILED, EXIT_OK, ArgumentParser, UsageError, main_guard, positive_int,
                         quiet_tensorflow)
 
@@ -64,13 +64,14 @@ def parse_args(argv):
 def finished_metrics(config):
     """The metrics.json of an export made with exactly this config, or None."""
     import tensorflow as tf
+
+    from tagger import train
     folder = f"{config.models_dir}/{config.run_name}"
     if not (tf.io.gfile.exists(f"{folder}/metrics.json") and tf.io.gfile.exists(f"{folder}/config.json")):
         return None
     with tf.io.gfile.GFile(f"{folder}/config.json") as f:
         before = json.load(f).get("config", {})
-    mine = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("runs_dir", "models_dir")}
-    if any(before.get(k) != v for k, v in mine.items()):
+    if train.settings_differ(before, config):
         return None
     with tf.io.gfile.GFile(f"{folder}/metrics.json") as f:
         return json.load(f)
@@ -122,12 +123,10 @@ def summarize(groups):
 
 def write_tables(out, name, rows, label_keys, title):
     """name.csv and name.md under out; returns the Markdown table."""
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"{name}.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+    files.makedirs(out)
+    keys = list(rows[0])
+    files.write_text(f"{out}/{name}.csv", files.csv_text(
+        [keys] + [[f"{row[k]:.4f}" if isinstance(row[k], float) else row[k] for k in keys] for row in rows]))
     lines = ["| " + " | ".join(label_keys) + " | runs | test ROC-AUC | test PR-AUC |",
              "|---" * (len(label_keys) + 3) + "|"]
     for row in rows:
@@ -136,8 +135,7 @@ def write_tables(out, name, rows, label_keys, title):
                      + f" | {row['roc_auc_mean']:.4f} ± {row['roc_auc_std']:.4f}"
                      + f" | {row['pr_auc_mean']:.4f} ± {row['pr_auc_std']:.4f} |")
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(out, f"{name}.md"), "w") as f:
-        f.write(f"{title}\n\n{text}")
+    files.write_text(f"{out}/{name}.md", f"{title}\n\n{text}")
     return text
 
 
@@ -172,12 +170,10 @@ def run_series(args, configs):
     rows = summarize(groups)
     table = write_tables(out, args.command, rows, keys, title)
     if args.command == "repeat":
-        with open(os.path.join(out, "runs.csv"), "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["run", "seed", "test_roc_auc", "test_pr_auc"])
-            for c, m in results:
-                w.writerow([c.run_name, c.seed, *((f"{m['test']['roc_auc']:.4f}", f"{m['test']['pr_auc']:.4f}")
-                                                  if m else ("", ""))])
+        files.write_text(f"{out}/runs.csv", files.csv_text(
+            [["run", "seed", "test_roc_auc", "test_pr_auc"]]
+            + [[c.run_name, c.seed, *((f"{m['test']['roc_auc']:.4f}", f"{m['test']['pr_auc']:.4f}") if m else ("", ""))]
+               for c, m in results]))
     print(f"\n{title}:\n\n{table}")
     print(f"Wrote {out}/{args.command}.md and {args.command}.csv" + (" and runs.csv" if args.command == "repeat" else "")
           + f"; the runs are under {first.runs_dir}/ and {first.models_dir}/")
@@ -186,22 +182,18 @@ def run_series(args, configs):
 
 def load_export_metrics(folder):
     """(test per-tag metrics, train counts) of an export."""
-    paths = [os.path.join(folder, n) for n in ("metrics.json", "config.json")]
-    if not all(os.path.isfile(p) for p in paths):
+    if not all(files.exists(f"{folder}/{n}") for n in ("metrics.json", "config.json")):
         raise UsageError(f"{folder} is not a tagger export (no metrics.json and config.json): pass folders "
                          "under saved_models/")
-    with open(paths[0]) as f:
-        metrics = json.load(f)
-    with open(paths[1]) as f:
-        config = json.load(f)
+    metrics = json.loads(files.read_text(f"{folder}/metrics.json"))
+    config = json.loads(files.read_text(f"{folder}/config.json"))
     counts = metrics.get("train_tag_counts")
     if counts is None:
-        manifest = os.path.join(config.get("data", ""), "manifest.json")
-        if not os.path.isfile(manifest):
+        manifest = f"{config.get('data', '')}/manifest.json"
+        if not files.exists(manifest):
             raise UsageError(f"{folder} does not record its train tag counts and its data "
                              f"{config.get('data')} is gone: retrain it, or restore the data")
-        with open(manifest) as f:
-            counts = json.load(f)["tag_counts"]["train"]
+        counts = json.loads(files.read_text(manifest))["tag_counts"]["train"]
     return metrics["test"]["per_tag"], counts
 
 
@@ -211,16 +203,15 @@ def compare(args):
     if list(tags_a) != list(tags_b):
         raise UsageError(f"{a} and {b} have different tags: compare models trained on the same tag set")
     name_a, name_b = os.path.basename(a), os.path.basename(b)
-    out = args.out or os.path.join("runs", "compare", f"{name_a}-vs-{name_b}")
-    os.makedirs(out, exist_ok=True)
+    out = (args.out or f"runs/compare/{name_a}-vs-{name_b}").rstrip("/")
+    files.makedirs(out)
     tags = sorted(tags_a, key=lambda t: -counts.get(t, 0))
-    with open(os.path.join(out, "per_tag.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["tag", "train_count", f"roc_auc_{name_a}", f"roc_auc_{name_b}", "difference"])
-        for t in tags:
-            ra, rb = tags_a[t]["roc_auc"], tags_b[t]["roc_auc"]
-            w.writerow([t, counts.get(t, 0), "" if ra is None else f"{ra:.4f}", "" if rb is None else f"{rb:.4f}",
-                        "" if None in (ra, rb) else f"{rb - ra:+.4f}"])
+    rows = [["tag", "train_count", f"roc_auc_{name_a}", f"roc_auc_{name_b}", "difference"]]
+    for t in tags:
+        ra, rb = tags_a[t]["roc_auc"], tags_b[t]["roc_auc"]
+        rows.append([t, counts.get(t, 0), "" if ra is None else f"{ra:.4f}", "" if rb is None else f"{rb:.4f}",
+                     "" if None in (ra, rb) else f"{rb - ra:+.4f}"])
+    files.write_text(f"{out}/per_tag.csv", files.csv_text(rows))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -237,8 +228,7 @@ def compare(args):
     ax.legend(loc="lower left", fontsize=7)
     ax.set_title("Per-tag test ROC-AUC (bars) and train count (line)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "per_tag.png"), dpi=110)
-    plt.close(fig)
+    files.write_bytes(f"{out}/per_tag.png", files.figure_png(fig))
     wins = sum(1 for t in tags if None not in (tags_a[t]["roc_auc"], tags_b[t]["roc_auc"])
                and tags_b[t]["roc_auc"] > tags_a[t]["roc_auc"])
     print(f"{name_b} beats {name_a} on {wins} of {len(tags)} tags")
@@ -252,7 +242,7 @@ def run(parsed):
         return compare(args)
     data = {c.data for c in configs}
     for d in data:
-        if not configs[0].demo and "://" not in d and not os.path.isfile(os.path.join(d, "manifest.json")):
+        if not configs[0].demo and not files.exists(f"{d}/manifest.json"):
             raise UsageError(f"--data {d} is not a TFRecords folder from tagger.prepare (no manifest.json "
                              "there): prepare it first, or check the path")
     return run_series(args, configs)

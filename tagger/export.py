@@ -16,12 +16,12 @@ import io
 import json
 import os
 import shutil
+import tempfile
 
 import keras
 import tensorflow as tf
 
 from tagger.data import NUM_SUB_CLIPS, to_sub_clips
-from tagger.files import save_via_local
 
 SAMPLE_RATE = 16000
 WINDOW_BATCH = 8
@@ -83,10 +83,15 @@ def serving_functions(model, arch, clip_samples, tags):
 
 
 def export(model, arch, out_dir, tags, clip_samples, files):
-    """Write the export to `out_dir` via a temporary folder renamed at the end, so nothing
-    half-written is ever picked up. `files`: {name: json-able} written beside the SavedModel."""
+    """Write the export to `out_dir` via a temporary folder, so nothing half-written is ever picked
+    up. `files`: {name: json-able} written beside the SavedModel.
+
+    Local: the temporary folder is renamed into place. Remote (gs://, where folders cannot be
+    renamed): written locally, then copied with saved_model.pb last, which is what readers check for.
+    """
     out_dir = out_dir.rstrip("/")
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    remote = "://" in out_dir
+    tmp = tempfile.mkdtemp(prefix="tagger-export-") if remote else f"{out_dir}.tmp-{os.getpid()}"
     if tf.io.gfile.exists(tmp):
         tf.io.gfile.rmtree(tmp)
     archive = keras.export.ExportArchive()
@@ -96,14 +101,32 @@ def export(model, arch, out_dir, tags, clip_samples, files):
     with contextlib.redirect_stdout(io.StringIO()):  # Keras prints the endpoints whatever `verbose` says
         archive.write_out(tmp, verbose=False)
     for name, content in {"tags.json": tags, **files}.items():
-        with tf.io.gfile.GFile(f"{tmp}/{name}", "w") as f:
+        with open(f"{tmp}/{name}", "w") as f:
             json.dump(content, f, indent=1)
-    save_via_local(model.save, f"{tmp}/model.keras")
-    if tf.io.gfile.exists(out_dir):
+    model.save(f"{tmp}/model.keras")
+    if remote:
+        _copy_tree(tmp, out_dir)
+        shutil.rmtree(tmp)
+    elif os.path.exists(out_dir):
         old = f"{out_dir}.old-{os.getpid()}"
-        tf.io.gfile.rename(out_dir, old)
-        tf.io.gfile.rename(tmp, out_dir)
-        (shutil.rmtree if "://" not in old else tf.io.gfile.rmtree)(old)
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old)
     else:
-        tf.io.gfile.rename(tmp, out_dir)
+        os.rename(tmp, out_dir)
     return out_dir
+
+
+def _copy_tree(local, remote):
+    """Copy a local folder over a remote one (replacing it), saved_model.pb last."""
+    if tf.io.gfile.exists(f"{remote}/saved_model.pb"):
+        tf.io.gfile.remove(f"{remote}/saved_model.pb")     # readers stop seeing an export first
+    if tf.io.gfile.exists(remote):
+        tf.io.gfile.rmtree(remote)
+    paths = []
+    for root, _, names in os.walk(local):
+        rel = os.path.relpath(root, local)
+        tf.io.gfile.makedirs(remote if rel == "." else f"{remote}/{rel}")
+        paths += [os.path.join(rel, n) if rel != "." else n for n in names]
+    for rel in sorted(paths, key=lambda p: p == "saved_model.pb"):
+        tf.io.gfile.copy(os.path.join(local, rel), f"{remote}/{rel}", overwrite=True)

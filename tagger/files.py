@@ -1,4 +1,4 @@
-"""Writing files through tf.io.gfile, so every output path may be local or remote (gs://...).
+"""Reading and writing files through tf.io.gfile, so every output path may be local or remote (gs://...).
 
 TensorFlow is imported when first needed, so the command-line modules can import this before they
 have checked their arguments.
@@ -39,3 +39,67 @@ def load_via_local(load, path):
         return load(local)
     finally:
         os.remove(local)
+
+
+def is_remote(path):
+    return "://" in str(path)
+
+
+def makedirs(path):
+    """Create a folder (and its parents), local or remote."""
+    if is_remote(path):
+        import tensorflow as tf
+        tf.io.gfile.makedirs(path)
+    else:
+        os.makedirs(path, exist_ok=True)
+
+
+def exists(path):
+    if is_remote(path):
+        import tensorflow as tf
+        return tf.io.gfile.exists(path)
+    return os.path.exists(path)
+
+
+def write_bytes(path, data):
+    """Write a whole file, local or remote (through tf.io.gfile)."""
+    if is_remote(path):
+        import tensorflow as tf
+        with tf.io.gfile.GFile(path, "wb") as f:
+            f.write(data)
+    else:
+        with open(path, "wb") as f:
+            f.write(data)
+
+
+def write_text(path, text):
+    write_bytes(path, text.encode("utf-8"))
+
+
+def read_text(path):
+    if is_remote(path):
+        import tensorflow as tf
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return f.read().decode("utf-8")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def csv_text(rows):
+    """Rows (lists) as CSV text, for write_text."""
+    import csv
+    import io
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def figure_png(fig):
+    """A matplotlib figure as PNG bytes (then closed), for write_bytes."""
+    import io
+
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 
+from tagger import files
 from tagger.audio import EXTENSIONS, SAMPLE_RATE
 from tagger.cli import (EXIT_FAILED, EXIT_OK, ArgumentParser, UsageError, main_guard, positive_float,
                         positive_int, quiet_tensorflow)
@@ -47,18 +48,18 @@ def newest_model(models_dir="saved_models"):
 
 
 def collect_files(paths):
-    files = []
+    found = []
     for path in paths:
         if os.path.isdir(path):
             for root, _, names in sorted(os.walk(path)):
-                files += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(EXTENSIONS)]
+                found += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(EXTENSIONS)]
         elif os.path.exists(path):
-            files.append(path)
+            found.append(path)
         else:
             raise UsageError(f"{path} does not exist: pass audio files or folders")
-    if not files:
+    if not found:
         raise UsageError(f"no audio files ({', '.join(e[1:] for e in EXTENSIONS)}) in {' '.join(paths)}")
-    return files
+    return found
 
 
 def track_windows(blocks, length, clip_samples, starts):
@@ -81,7 +82,7 @@ def track_windows(blocks, length, clip_samples, starts):
         yield np.pad(window, (0, clip_samples - len(window)))
 
 
-def tag_files(files, serving, clip_samples, hop, batch_size, on_error):
+def tag_files(paths, serving, clip_samples, hop, batch_size, on_error):
     """Window every file, run the windows through `serving` in batches across files.
 
     Files are decoded block by block (`tagger.audio.Stream`), so memory holds one block and one
@@ -103,7 +104,7 @@ def tag_files(files, serving, clip_samples, hop, batch_size, on_error):
                 result["window_probabilities"].append(p)
             batch.clear()
 
-    for path in files:
+    for path in paths:
         result = None
         try:
             stream = Stream(path, SAMPLE_RATE)
@@ -166,13 +167,12 @@ def run(args):
     if model_dir is None:
         model_dir = newest_model()
         print(f"Using the newest model, {model_dir}", file=sys.stderr)
-    config_path = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(config_path) or not os.path.isfile(os.path.join(model_dir, "saved_model.pb")):
+    model_dir = model_dir.rstrip("/")
+    if not (files.exists(f"{model_dir}/config.json") and files.exists(f"{model_dir}/saved_model.pb")):
         raise UsageError(f"{model_dir} is not a tagger export (no saved_model.pb and config.json): pass a "
                          "folder under saved_models/")
-    files = collect_files(args.paths)
-    with open(config_path) as f:
-        config = json.load(f)
+    audio_files = collect_files(args.paths)
+    config = json.loads(files.read_text(f"{model_dir}/config.json"))
     clip, tags = config["clip_samples"], config["tags"]
     hop = int(round(args.hop * SAMPLE_RATE)) if args.hop else clip
     quiet_tensorflow()
@@ -184,11 +184,11 @@ def run(args):
         failures.append(path)
         print(f"{path}: {reason}", file=sys.stderr)
 
-    results = tag_files(files, lambda w: serve(waveform=tf.constant(w))["probabilities"].numpy(),
+    results = tag_files(audio_files, lambda w: serve(waveform=tf.constant(w))["probabilities"].numpy(),
                         clip, hop, args.batch_size, on_error)
     write_output(results, tags, args)
     if failures:
-        print(f"{len(failures)} of {len(files)} files could not be tagged", file=sys.stderr)
+        print(f"{len(failures)} of {len(audio_files)} files could not be tagged", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 

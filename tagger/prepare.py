@@ -17,7 +17,7 @@ import sys
 import time
 from collections import Counter
 
-from tagger import mtat
+from tagger import files, mtat
 from tagger.files import atomic_write_text
 from tagger.cli import (EXIT_OK, EXIT_USAGE, ArgumentParser, Progress, UsageError, main_guard,
                         nonnegative_float, positive_float, positive_int, quiet_tensorflow)
@@ -105,11 +105,8 @@ def csv_plan(csv_path, seed, top_tags):
 
 
 def write_plan_tsv(path, plan):
-    with open(path, "w") as f:
-        f.write("split\tclip_id\tmp3_path\n")
-        for split in mtat.SPLITS:
-            for clip_id, rel, _ in plan[split]:
-                f.write(f"{split}\t{clip_id}\t{rel}\n")
+    files.write_text(path, "split\tclip_id\tmp3_path\n" + "".join(
+        f"{split}\t{clip_id}\t{rel}\n" for split in mtat.SPLITS for clip_id, rel, _ in plan[split]))
 
 
 def shard_layout(plan, clip_samples, shard_mb):
@@ -307,10 +304,9 @@ def prepare(args):
         raise UsageError(f"{annotations} tags no clip: a tagger needs at least one tag")
 
     if args.plan:
-        os.makedirs(out, exist_ok=True)
+        files.makedirs(out)
         write_plan_tsv(f"{out}/plan.tsv", plan)
-        with open(f"{out}/tags.json", "w") as f:
-            json.dump(tags, f, indent=1)
+        files.write_text(f"{out}/tags.json", json.dumps(tags, indent=1))
         print(f"Plan ({args.split} split, {len(tags)} tags): " +
               ", ".join(f"{s} {n:,}" for s, n in counts.items()) + " clips")
         print(f"Wrote {out}/plan.tsv and {out}/tags.json")

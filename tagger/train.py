@@ -7,6 +7,7 @@ Without --data the demo dataset and the demo's own settings are used (printed at
 explicit flags override every preset. Killed at any moment, the same command resumes from the last
 completed epoch.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -53,6 +54,9 @@ class Config:
     width: float = 1.0          # channel multiplier, < 1 for quick tests
     restore_best: bool = False
     shuffle_buffer: int = 512
+    strategy: str = "default"   # or "mirrored": tf.distribute.MirroredStrategy over --devices
+    devices: int = 0            # mirrored: how many GPUs (0: all), or CPU logical devices without a GPU
+    scale_lr: bool = False      # mirrored: multiply lr by the number of replicas
     run_name: str = ""
     runs_dir: str = "runs"
     models_dir: str = "saved_models"
@@ -63,9 +67,11 @@ class Config:
         shape = f"-l{self.length}s{self.stride}" if self.arch == "cnn" else f"-gru{self.gru_units}"
         width = f"-w{self.width:g}" if self.width != 1 else ""
         best = "-best" if self.restore_best else ""
+        mirrored = (f"-mirrored{self.devices or ''}" + ("-scaledlr" if self.scale_lr else "")
+                    if self.strategy == "mirrored" else "")
         return (f"{self.arch}{shape}{width}-{data}-{self.optimizer}-lr{self.lr:g}"
                 + (f"-m{self.momentum:g}" if self.optimizer == "sgd" else "")
-                + f"-b{self.batch_size}-e{self.epochs}-s{self.seed}{best}")
+                + f"-b{self.batch_size}-e{self.epochs}-s{self.seed}{best}{mirrored}")
 
 
 def build_parser(prog=PROG):
@@ -83,6 +89,12 @@ def build_parser(prog=PROG):
     p.add_argument("--bn-momentum", type=float, help="CRNN: batch-norm moving-average momentum")
     p.add_argument("--width", type=positive_float, help="multiply channel counts (tests, quick checks)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strategy", choices=("default", "mirrored"),
+                   help="mirrored: data-parallel over local GPUs (tf.distribute.MirroredStrategy)")
+    p.add_argument("--devices", type=positive_int, help="mirrored: use this many GPUs (default: all); "
+                   "with no GPU, split the CPU into this many devices (for testing)")
+    p.add_argument("--scale-lr", action="store_true", help="mirrored: multiply --lr by the number of replicas "
+                   "(the global batch is --batch-size x replicas)")
     p.add_argument("--run-name", help="name under runs/ and saved_models/ (default: from the settings)")
     p.add_argument("--restore-best", action="store_true", help="export the best val_auc epoch, not the last")
     p.add_argument("--shuffle-buffer", type=positive_int, help="records in the shuffle buffer (default 512)")
@@ -99,6 +111,8 @@ def config_from_args(argv, prog=PROG):
         parser.error(f"--momentum {args.momentum} must be in [0, 1)")
     if args.bn_momentum is not None and not 0 <= args.bn_momentum < 1:
         parser.error(f"--bn-momentum {args.bn_momentum} must be in [0, 1)")
+    if (args.devices or args.scale_lr) and args.strategy != "mirrored":
+        parser.error("--devices and --scale-lr go with --strategy mirrored")
     if (args.length is None) != (args.stride is None):
         parser.error("give --length and --stride together (the study's pairs: 1024/1024, 1024/512, "
                      "512/512, 512/256, 256/256)")
@@ -155,16 +169,32 @@ def build_model(config, manifest):
         raise UsageError(f"the CRNN does not fit clips of {clip} samples: {e}") from None
 
 
-def compile_model(model, config):
+def compile_model(model, config, replicas=1):
     import keras
-    if config.optimizer == "sgd":
-        optimizer = keras.optimizers.SGD(config.lr, momentum=config.momentum)
-    else:
-        optimizer = keras.optimizers.Adam(config.lr)
+    cls = keras.optimizers.SGD if config.optimizer == "sgd" else keras.optimizers.Adam
+    if replicas > 1:
+        cls = _replica_mean(cls, replicas)
+    optimizer = cls(config.lr, momentum=config.momentum) if config.optimizer == "sgd" else cls(config.lr)
     model.compile(optimizer=optimizer, loss="binary_crossentropy",
                   metrics=[keras.metrics.AUC(multi_label=True, curve="ROC", name="auc"),
                            keras.metrics.AUC(multi_label=True, curve="PR", name="pr_auc")])
     return model
+
+
+def _replica_mean(optimizer_class, replicas):
+    """The optimizer with its loss divided by the number of replicas before the gradients.
+
+    Keras 3.6 averages the loss over each replica's batch and then sums the replicas' gradients, so
+    under MirroredStrategy every update is `replicas` times too large (keras-team/keras#19891, fixed
+    in Keras 3.8). Dividing here makes the update the mean over the global batch, as on one device;
+    the logged loss is taken before this scaling and stays the true mean.
+    """
+    class ReplicaMean(optimizer_class):
+        def scale_loss(self, loss):
+            return super().scale_loss(loss) / replicas
+
+    ReplicaMean.__name__ = f"ReplicaMean{optimizer_class.__name__}"
+    return ReplicaMean
 
 
 def ensure_demo_data(config):
@@ -177,6 +207,14 @@ def ensure_demo_data(config):
         raise UsageError(f"could not create the demo dataset in {config.data}")
 
 
+def settings_differ(before, config):
+    """The fields of `config` that differ from a recorded config (config.json's "config"); a field
+    the record lacks (written by an older version) counts as its default. Output folders don't count."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    return [k for k, v in dataclasses.asdict(config).items()
+            if k not in ("runs_dir", "models_dir") and before.get(k, defaults[k]) != v]
+
+
 def check_run_folder(run_dir, config):
     """A run folder with another configuration is refused; the same one is resumed."""
     import tensorflow as tf
@@ -184,11 +222,34 @@ def check_run_folder(run_dir, config):
     if tf.io.gfile.exists(path):
         with tf.io.gfile.GFile(path) as f:
             before = json.load(f).get("config", {})
-        mine = dataclasses.asdict(config)
-        diff = [k for k in mine if k not in ("runs_dir", "models_dir") and before.get(k) != mine[k]]
+        diff = settings_differ(before, config)
         if diff:
             raise UsageError(f"{run_dir} holds a run with other settings ({', '.join(diff)} differ): choose "
                              "another --run-name")
+
+
+def make_strategy(config):
+    """MirroredStrategy over the first --devices GPUs (all by default); with no GPU, over the CPU split
+    into --devices logical devices (a test of the multi-device path on any machine). None for the
+    default strategy."""
+    if config.strategy != "mirrored":
+        return None
+    import tensorflow as tf
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        n = config.devices or len(gpus)
+        if n > len(gpus):
+            raise UsageError(f"--devices {n}: this machine has {len(gpus)} GPU(s); pass at most {len(gpus)}")
+        return tf.distribute.MirroredStrategy([f"/gpu:{i}" for i in range(n)])
+    n = config.devices or 1
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
+    except RuntimeError:   # TensorFlow already started in this process (several runs in one process)
+        if len(tf.config.list_logical_devices("CPU")) < n:
+            raise UsageError(f"--devices {n}: the CPU was already split into fewer devices in this process; "
+                             "run this training in its own process") from None
+    return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(n)])
 
 
 def run(config):
@@ -207,12 +268,21 @@ def run(config):
 
     from tagger import callbacks, data, evaluate, export
 
+    strategy = make_strategy(config)      # before anything starts TensorFlow's runtime
+    replicas = strategy.num_replicas_in_sync if strategy else 1
+    global_batch = config.batch_size * replicas
+    lr = config.lr * replicas if config.scale_lr else config.lr
+    if strategy:
+        print(f"Training on {replicas} replicas ({', '.join(strategy.extended.worker_devices)}): global batch "
+              f"{global_batch}, learning rate {lr:g}", file=sys.stderr)
     manifest = data.load_manifest(config.data)
     run_dir = f"{config.runs_dir}/{config.run_name}"
     check_run_folder(run_dir, config)
     keras.utils.set_random_seed(config.seed)
-    model = compile_model(build_model(config, manifest), config)
+    with strategy.scope() if strategy else contextlib.nullcontext():
+        model = compile_model(build_model(config, manifest), dataclasses.replace(config, lr=lr), replicas)
     info = {"config": dataclasses.asdict(config), "data_split": manifest["split"], "seed": config.seed,
+            "replicas": replicas, "global_batch_size": global_batch, "learning_rate": lr,
             "sample_rate": manifest["sample_rate"], "clip_samples": manifest["clip_samples"],
             "tags": manifest["tags"], "data": config.data, "arch": config.arch,
             **provenance(f"{config.data}/manifest.json")}
@@ -221,15 +291,16 @@ def run(config):
         json.dump(info, f, indent=1)
 
     layout = config.arch
-    train_ds = data.dataset(config.data, "train", layout, config.batch_size, manifest,
+    train_ds = data.dataset(config.data, "train", layout, global_batch, manifest,
                             shuffle_seed=config.seed, shuffle_buffer=config.shuffle_buffer)
-    valid_ds = data.dataset(config.data, "valid", layout, config.batch_size, manifest)
+    valid_ds = data.dataset(config.data, "valid", layout, global_batch, manifest)
     ckpt_dir = f"{run_dir}/checkpoint"
     state = callbacks.read_state(ckpt_dir)
     initial_epoch = 0
     if state:
-        model.optimizer.build(model.trainable_variables)
-        callbacks.load_weights(model, f"{ckpt_dir}/{state['weights']}")
+        with strategy.scope() if strategy else contextlib.nullcontext():
+            model.optimizer.build(model.trainable_variables)
+            callbacks.load_weights(model, f"{ckpt_dir}/{state['weights']}")
         initial_epoch = state["epoch"]
         print(f"Resuming from epoch {initial_epoch} of {config.epochs}", file=sys.stderr)
     checkpoint = callbacks.EpochCheckpoint(ckpt_dir, state=state)
@@ -252,6 +323,11 @@ def run(config):
         callbacks.load_weights(model, f"{ckpt_dir}/{checkpoint.best['weights']}")
         exported_epoch = checkpoint.best["epoch"]
 
+    if strategy:
+        # A model built inside strategy.scope() does not export on TF 2.16 ("a function referencing
+        # variables which have been deleted"): evaluate and export a copy built outside it.
+        trained, model = model, build_model(config, manifest)
+        model.set_weights(trained.get_weights())
     test_ds = data.dataset(config.data, "test", layout, config.batch_size, manifest)
     y, p = evaluate.predict_dataset(model.predict_on_batch, test_ds)
     test = evaluate.tag_metrics(y, p, manifest["tags"])

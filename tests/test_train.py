@@ -235,3 +235,56 @@ def test_restore_best_exports_the_best_validation_epoch(tiny_records, tmp_path):
     best = max(history, key=lambda h: h["val_auc"])["epoch"]
     assert metrics["restore_best"] is True and metrics["exported_epoch"] == best
     assert json.loads((tmp_path / "models" / "best" / "config.json").read_text())["config"]["restore_best"] is True
+
+
+MIRRORED_STEP = """
+import sys, numpy as np, tensorflow as tf, keras
+from tagger import train, data
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+manifest = data.load_manifest(sys.argv[1])
+config = train.Config(arch="cnn", data=sys.argv[1], epochs=1, batch_size=4, optimizer="sgd", lr=0.05,
+                      momentum=0.9, width=0.25)
+x, y = next(iter(data.dataset(sys.argv[1], "train", "cnn", 12, manifest)))
+batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+keras.utils.set_random_seed(0)
+one = train.compile_model(train.build_model(config, manifest), config)
+keras.utils.set_random_seed(0)
+with strategy.scope():
+    two = train.compile_model(train.build_model(config, manifest), config, replicas=2)
+start = [w.copy() for w in one.get_weights()]
+one.fit(batches, verbose=0)
+two.fit(batches, verbose=0)
+moved = max(np.abs(a - b).max() for a, b in zip(one.get_weights(), start))
+diff = max(np.abs(a - b).max() for a, b in zip(one.get_weights(), two.get_weights()))
+print(moved, diff)
+"""
+
+
+def test_mirrored_training_updates_like_one_device(tiny_records, tmp_path):
+    (tmp_path / "step.py").write_text(MIRRORED_STEP)
+    r = subprocess.run([sys.executable, str(tmp_path / "step.py"), tiny_records], capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 0, r.stderr[-3000:]
+    moved, diff = map(float, r.stdout.split())
+    assert moved > 1e-3 and diff < 1e-5 * max(1.0, moved)   # 3 SGD steps, 2 replicas x 2 clips vs 4 clips
+
+
+def test_mirrored_strategy_on_two_cpu_devices_trains_and_exports(tiny_records, tmp_path):
+    r = _train(tmp_path, tiny_records, "--arch", "crnn", "--lr", "1e-3", "--epochs", "1", "--batch-size", "2",
+               "--strategy", "mirrored", "--devices", "2", name="mirrored")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Training on 2 replicas" in r.stderr and "global batch 4" in r.stderr
+    config = json.loads((tmp_path / "models" / "mirrored" / "config.json").read_text())
+    assert config["replicas"] == 2 and config["global_batch_size"] == 4 and config["learning_rate"] == 1e-3
+    metrics = json.loads((tmp_path / "models" / "mirrored" / "metrics.json").read_text())
+    e = run_cli("tagger.evaluate", "--model", tmp_path / "models" / "mirrored", "--out", tmp_path / "eval")
+    assert e.returncode == 0, e.stderr[-3000:]
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())["test"]
+    assert again["roc_auc"] == pytest.approx(metrics["test"]["roc_auc"], abs=1e-4)
+
+
+def test_devices_without_mirrored_is_a_usage_error():
+    r = run_cli("tagger.train", "--devices", "2")
+    assert r.returncode == 2 and "--strategy mirrored" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -18,6 +18,7 @@ import math
 import os
 import sys
 
+from tagger import files
 from tagger.cli import (EXIT_OK, ArgumentParser, UsageError, main_guard, positive_int,
                         quiet_tensorflow)
 
@@ -201,14 +202,13 @@ def write_table(out, cells, grid, arch):
     label = (lambda m: f"{m:g}") if arch == "cnn" else (lambda m: "adam")
     lines = [f"| {head} | " + " | ".join(f"{lr:g}" for lr in grid["lr"]) + " |",
              "|---" * (len(grid["lr"]) + 1) + "|"]
-    with open(os.path.join(out, "table.csv"), "w") as f:
-        f.write(("momentum" if arch == "cnn" else "optimizer") + "," + ",".join(f"{lr:g}" for lr in grid["lr"]) + "\n")
-        for m in rows:
-            f.write(label(m) + "," + ",".join(cell((m, lr), False) for lr in grid["lr"]) + "\n")
-            lines.append(f"| {label(m)} | " + " | ".join(cell((m, lr), True) for lr in grid["lr"]) + " |")
+    rows_csv = [["momentum" if arch == "cnn" else "optimizer"] + [f"{lr:g}" for lr in grid["lr"]]]
+    for m in rows:
+        rows_csv.append([label(m)] + [cell((m, lr), False) for lr in grid["lr"]])
+        lines.append(f"| {label(m)} | " + " | ".join(cell((m, lr), True) for lr in grid["lr"]) + " |")
+    files.write_text(f"{out}/table.csv", files.csv_text(rows_csv))
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(f"Best validation ROC-AUC per trial ({arch}); bold: the best trial.\n\n{text}")
+    files.write_text(f"{out}/table.md", f"Best validation ROC-AUC per trial ({arch}); bold: the best trial.\n\n{text}")
     return text, best
 
 
@@ -219,10 +219,9 @@ def write_curves(out, cells, grid):
     import matplotlib.pyplot as plt
     curves = {lr: cells[(None, lr)]["curve"] for lr in grid["lr"] if (None, lr) in cells}
     epochs = max((len(c) for c in curves.values()), default=0)
-    with open(os.path.join(out, "val_auc_per_epoch.csv"), "w") as f:
-        f.write("epoch," + ",".join(f"lr={lr:g}" for lr in curves) + "\n")
-        for e in range(epochs):
-            f.write(f"{e + 1}," + ",".join(f"{c[e]:.4f}" if e < len(c) else "" for c in curves.values()) + "\n")
+    files.write_text(f"{out}/val_auc_per_epoch.csv", files.csv_text(
+        [["epoch"] + [f"lr={lr:g}" for lr in curves]]
+        + [[e + 1] + [f"{c[e]:.4f}" if e < len(c) else "" for c in curves.values()] for e in range(epochs)]))
     fig, ax = plt.subplots(figsize=(6, 4))
     for lr, c in curves.items():
         ax.plot(range(1, len(c) + 1), c, "o-", ms=3, label=f"lr {lr:g}")
@@ -231,17 +230,16 @@ def write_curves(out, cells, grid):
     ax.set_title("CRNN, Adam: validation ROC-AUC per epoch")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "val_auc_per_epoch.png"), dpi=110)
-    plt.close(fig)
+    files.write_bytes(f"{out}/val_auc_per_epoch.png", files.figure_png(fig))
 
 
 def run(args):
     from tagger import train
     config, grid = search_config(args)
-    if not config.demo and "://" not in config.data and not os.path.isfile(os.path.join(config.data, "manifest.json")):
+    if not config.demo and not files.exists(f"{config.data}/manifest.json"):
         raise UsageError(f"--data {config.data} is not a TFRecords folder from tagger.prepare (no "
                          "manifest.json there): prepare it first, or check the path")
-    out = args.out or default_out(config)
+    out = (args.out or default_out(config)).rstrip("/")
     tuner_id = os.environ.get("KERASTUNER_TUNER_ID")
     if "KERASTUNER_ORACLE_IP" in os.environ and (not tuner_id or "KERASTUNER_ORACLE_PORT" not in os.environ):
         raise UsageError("KERASTUNER_ORACLE_IP is set: set KERASTUNER_ORACLE_PORT and KERASTUNER_TUNER_ID "
