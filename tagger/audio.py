@@ -8,6 +8,7 @@ track never needs more than a block of audio in memory; `decode` joins the block
 """
 import math
 import os
+import re
 
 import numpy as np
 
@@ -33,12 +34,13 @@ class Stream:
 
     def __init__(self, path, sample_rate=SAMPLE_RATE, block_seconds=BLOCK_SECONDS):
         quiet_tensorflow()
+        self.path = path
         if not os.path.exists(path):
             raise AudioError("file not found")
         if os.path.getsize(path) == 0:
             raise AudioError("empty file")
         import tensorflow_io as tfio
-        with _decoder_errors():
+        with _decoder_errors(path):
             self._audio = tfio.audio.AudioIOTensor(path)
             self.frames, channels = (int(d) for d in self._audio.shape.numpy())
             rate = int(self._audio.rate.numpy())
@@ -60,7 +62,7 @@ class Stream:
 
     def _read(self, start, stop):
         """Input samples [start, stop) mixed down to float32, validated."""
-        with _decoder_errors():
+        with _decoder_errors(self.path):
             samples = self._audio[start:stop].numpy()
         if samples.ndim != 2 or samples.shape[0] != stop - start:
             raise AudioError(f"decoding stopped at {start / self.info['rate']:.1f} s of "
@@ -95,14 +97,18 @@ class Stream:
 class _decoder_errors:
     """Turns tensorflow-io's errors into AudioError("not decodable audio (reason)")."""
 
+    def __init__(self, path):
+        self.path = path
+
     def __enter__(self):
         return self
 
     def __exit__(self, kind, error, tb):
         import tensorflow as tf
         if kind is not None and issubclass(kind, (tf.errors.OpError, ValueError, RuntimeError)):
-            text = getattr(error, "message", str(error)).strip()
-            reason = text.splitlines()[-1] if text else kind.__name__
+            text = re.sub(r"\{\{function_node [^}]*\}\}|\[Op:[^\]]*\]", "", getattr(error, "message", str(error)))
+            text = text.replace(self.path, "").strip()
+            reason = text.splitlines()[-1].strip(" :") if text else kind.__name__
             raise AudioError(f"not decodable audio ({reason[:120]})") from None
         return False
 
