@@ -288,3 +288,19 @@ def test_mirrored_strategy_on_two_cpu_devices_trains_and_exports(tiny_records, t
 def test_devices_without_mirrored_is_a_usage_error():
     r = run_cli("tagger.train", "--devices", "2")
     assert r.returncode == 2 and "--strategy mirrored" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/no/such/model"], "not a tagger export"),
+    (["--model", "m", "--batch-size", "0"], "at least 1"),
+    (["--model", "m", "--split", "holdout"], "invalid choice"),
+    (["--model", "m", "--unknown-flag"], "unrecognized arguments"),
+])
+def test_evaluate_usage_errors_are_one_line_exit_2(args, message):
+    r = run_cli("tagger.evaluate", *args)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_evaluate_on_a_data_folder_without_manifest(crnn_run, tmp_path):
+    r = run_cli("tagger.evaluate", "--model", crnn_run[0] / "models" / "crnn", "--data", tmp_path)
+    assert r.returncode == 2 and "no manifest.json" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
