@@ -31,7 +31,7 @@ PEER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     "peer_torch.py")
 # (full, quick) sizes of each stage: timed steps after the warm-up
 SIZES = {"pipeline_clips": (96, 40), "pipeline_seconds": (4.0, 1.5), "frontend_steps": (4, 2),
-         "librosa_clips": (6, 2), "cnn_steps": (10, 4), "crnn_steps": (3, 1), "predict_steps": (3, 1)}
+         "librosa_clips": (6, 2), "cnn_steps": (40, 15), "crnn_steps": (4, 2), "predict_steps": (3, 1)}
 STAGES = ("pipeline", "frontend", "librosa", "cnn_train", "crnn_train", "predict", "matmul")
 
 
@@ -171,12 +171,16 @@ def stage_train(arch, quick):
     """Training steps of tagger.train's model and compile (CNN 256/256, 10 clips; CRNN 16 clips)."""
     import tensorflow as tf
     model, config, x, y = _model_and_batch(arch)
+    import keras
     ds = tf.data.Dataset.from_tensors((x, y)).repeat()
     steps = _size(f"{arch}_steps", quick)
-    model.fit(ds, steps_per_epoch=2 if arch == "cnn" else 1, epochs=1, verbose=0)     # warm-up: trace, allocate
-    start = time.perf_counter()
-    model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
-    seconds = time.perf_counter() - start
+    ends = []
+    clock = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: ends.append(time.perf_counter()))
+    # The first steps trace and allocate; the timed steps run from the end of the warm-up to the end
+    # of the last step, inside one fit, as an epoch of tagger.train does.
+    warmup = 3 if arch == "cnn" else 1
+    model.fit(ds, steps_per_epoch=warmup + steps, epochs=1, verbose=0, callbacks=[clock])
+    seconds = ends[-1] - ends[warmup - 1]
     return {f"{arch}_train_clips_per_s": steps * config.batch_size / seconds,
             f"{arch}_forward_flops_per_clip": forward_flops(model)}
 
@@ -214,12 +218,15 @@ def forward_flops(model):
 
     import numpy as np
 
+    from tagger import models
     from tagger.features import LogMelSpectrogram, Resample
     total = 0
     for layer in model.layers:
         name = type(layer).__name__
         out = layer.output.shape
-        if name == "Conv2D":
+        if isinstance(layer, models.FramedConv1D):
+            total += 2 * layer.length * layer.filters * int(np.prod(out[1:-1]))
+        elif name == "Conv2D":
             kh, kw = layer.kernel_size
             cin = layer.input.shape[-1]
             total += 2 * kh * kw * cin * layer.filters * int(np.prod(out[1:-1]))
