@@ -103,3 +103,17 @@ def figure_png(fig):
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
+
+
+def recorded_settings_differ(path, settings):
+    """Compare `settings` with those recorded in the JSON file `path`: the keys whose values differ.
+    When there is no record yet, write one (atomically) and return []."""
+    import json
+
+    import tensorflow as tf
+    if not tf.io.gfile.exists(path):
+        atomic_write_text(path, json.dumps(settings, indent=1))
+        return []
+    with tf.io.gfile.GFile(path) as f:
+        before = json.load(f)
+    return [k for k in settings if before.get(k) != settings[k]]

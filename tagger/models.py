@@ -135,8 +135,11 @@ def build_crnn(num_tags, clip_samples, gru_units=32, filters=(64, 128, 128, 128)
     for i, (f, pool) in enumerate(zip(filters, pools), 1):
         x = layers.Conv2D(f, 3, padding="same", name=f"conv{i}")(x)
         x = FusedBatchNormalization(momentum=bn_momentum, name=f"bn{i}")(x)
-        x = layers.ELU(name=f"elu{i}")(x)
+        # ELU then max pooling, computed in the other order: ELU is strictly increasing, so it
+        # commutes with max (same values, same argmax, same gradients) and runs on a tensor 4 to 16
+        # times smaller.
         x = layers.MaxPooling2D(pool, name=f"pool{i}")(x)
+        x = layers.ELU(name=f"elu{i}")(x)
     if x.shape[1] != 1 or not x.shape[2]:
         raise ValueError(f"{num_mel_bins} mel bins / {clip_samples} samples do not pool down to one "
                          f"frequency row and at least one time step (got {x.shape[1]} x {x.shape[2]})")

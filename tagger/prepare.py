@@ -240,18 +240,13 @@ def _check_settings(out, settings):
         tf.io.gfile.makedirs(out)
     except tf.errors.OpError as e:
         raise UsageError(f"cannot create the output folder {out} ({e.message}): choose a writable --out") from None
-    if tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path) as f:
-            before = json.load(f)
-        diff = [k for k in settings if before.get(k) != settings[k]]
-        if diff:
-            raise UsageError(f"{out} was prepared with other settings ({', '.join(diff)} differ): use a new "
-                             "--out folder, or delete this one to start over")
-        return
     try:
-        atomic_write_text(path, json.dumps(settings, indent=1))
+        diff = files.recorded_settings_differ(path, settings)
     except tf.errors.OpError as e:
         raise UsageError(f"cannot write to {out} ({e.message}): choose a writable --out") from None
+    if diff:
+        raise UsageError(f"{out} was prepared with other settings ({', '.join(diff)} differ): use a new "
+                         "--out folder, or delete this one to start over")
 
 
 def _ensure_writable(out):

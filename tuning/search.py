@@ -13,7 +13,6 @@ and start the same command once per process (see the README).
 """
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -95,19 +94,11 @@ def default_out(config):
 
 def check_search_folder(out, settings):
     """The same search resumes; a folder holding another search is refused."""
-    import tensorflow as tf
-    path = f"{out}/search.json"
-    if tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path) as f:
-            before = json.load(f)
-        diff = [k for k in settings if before.get(k) != settings[k]]
-        if diff:
-            raise UsageError(f"{out} holds a search with other settings ({', '.join(diff)} differ): pass "
-                             "another --out, or the flags of that search to resume it")
-    else:
-        tf.io.gfile.makedirs(out)
-        with tf.io.gfile.GFile(path, "w") as f:
-            json.dump(settings, f, indent=1)
+    files.makedirs(out)
+    diff = files.recorded_settings_differ(f"{out}/search.json", settings)
+    if diff:
+        raise UsageError(f"{out} holds a search with other settings ({', '.join(diff)} differ): pass "
+                         "another --out, or the flags of that search to resume it")
 
 
 def make_tuner(config, grid, manifest, out):
