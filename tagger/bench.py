@@ -218,15 +218,12 @@ def forward_flops(model):
 
     import numpy as np
 
-    from tagger import models
     from tagger.features import LogMelSpectrogram, Resample
     total = 0
     for layer in model.layers:
         name = type(layer).__name__
         out = layer.output.shape
-        if isinstance(layer, models.FramedConv1D):
-            total += 2 * layer.length * layer.filters * int(np.prod(out[1:-1]))
-        elif name == "Conv2D":
+        if name == "Conv2D":
             kh, kw = layer.kernel_size
             cin = layer.input.shape[-1]
             total += 2 * kh * kw * cin * layer.filters * int(np.prod(out[1:-1]))

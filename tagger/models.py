@@ -42,48 +42,6 @@ class FusedBatchNormalization(layers.BatchNormalization):
         return outputs
 
 
-@keras.saving.register_keras_serializable(package="tagger")
-class FramedConv1D(layers.Layer):
-    """Conv1D(filters, length, strides=stride, padding="valid") along the second-to-last axis of
-    (..., samples, 1), computed as frames times a matrix: the input is cut into `length`-sample
-    frames every `stride` samples (a reshape when they are equal) and multiplied by the
-    (length, filters) kernel. Same weights and arithmetic as Conv1D, but one large matmul instead of
-    a convolution with one input channel and a kernel hundreds of samples wide, which oneDNN runs
-    far below the machine's matmul rate.
-    """
-
-    def __init__(self, filters, length, stride, activation=None, **kwargs):
-        super().__init__(**kwargs)
-        self.filters, self.length, self.stride = int(filters), int(length), int(stride)
-        self.activation = keras.activations.get(activation)
-
-    def build(self, input_shape):
-        self.kernel = self.add_weight(shape=(self.length, self.filters), initializer="glorot_uniform", name="kernel")
-        self.bias = self.add_weight(shape=(self.filters,), initializer="zeros", name="bias")
-
-    def frames(self, samples):
-        return (samples - self.length) // self.stride + 1
-
-    def compute_output_shape(self, input_shape):
-        return (*input_shape[:-2], self.frames(input_shape[-2]), self.filters)
-
-    def call(self, x):
-        x = x[..., 0]
-        n = self.frames(x.shape[-1])
-        if self.length == self.stride:
-            frames = tf.reshape(x[..., :n * self.stride], [-1, n, self.length])
-        else:
-            frames = tf.signal.frame(x, self.length, self.stride, axis=-1)[..., :n, :]
-            frames = tf.reshape(frames, [-1, n, self.length])
-        y = tf.matmul(tf.reshape(frames, [-1, self.length]), self.kernel) + self.bias
-        y = tf.reshape(y, tf.concat([tf.shape(x)[:-1], [n, self.filters]], 0))
-        return self.activation(y)
-
-    def get_config(self):
-        return {**super().get_config(), "filters": self.filters, "length": self.length, "stride": self.stride,
-                "activation": keras.activations.serialize(self.activation)}
-
-
 def cnn_frames(sub_clip_samples, length, stride, sample_rate=INPUT_RATE, input_rate=INPUT_RATE):
     """Time steps left after the strided convolution and the two poolings (0: the clip is too short)."""
     n = -(-sub_clip_samples * sample_rate // input_rate) if sample_rate != input_rate else sub_clip_samples
@@ -106,7 +64,7 @@ def build_cnn(num_tags, sub_clip_samples, length=256, stride=256, num_sub_clips=
     waves = keras.Input((num_sub_clips, sub_clip_samples), name="waveform")
     x = Resample(input_rate, sample_rate, name="resample")(waves) if sample_rate != input_rate else waves
     x = layers.Reshape((num_sub_clips, -1, 1), name="add_channel")(x)
-    x = FramedConv1D(filters, length, stride, activation="relu", name="strided_conv")(x)
+    x = layers.Conv2D(filters, (1, length), strides=(1, stride), activation="relu", name="strided_conv")(x)
     for i in (1, 2):
         x = layers.Conv2D(filters, (1, 8), padding="same", activation="relu", name=f"conv{i}")(x)
         x = layers.MaxPooling2D((1, 4), name=f"pool{i}")(x)

@@ -6,7 +6,6 @@ import json
 import numpy as np
 import soundfile
 
-from conftest import SHARED_ANNOTATIONS  # noqa: F401 - keeps conftest's fixtures importable here
 from tagger import prepare
 
 FORMATS = {"wav": "WAV", "flac": "FLAC", "ogg": "OGG", "mp3": "MP3"}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tagger.models import FramedConv1D, build_cnn, build_crnn, cnn_frames
+from tagger.models import build_cnn, build_crnn, cnn_frames
 
 MTAT_SUB_CLIP = 46600     # 466,000 samples / 10 at 16 kHz
 MTAT_CLIP = 466000
@@ -41,22 +41,6 @@ def test_cnn_sub_clip_shapes():
     at_12k = build_cnn(50, MTAT_SUB_CLIP, sample_rate=12000)
     assert at_12k.get_layer("resample").output.shape[-1] == 34950
     assert tuple(at_12k.get_layer("flatten").output.shape[1:]) == (10, 8 * 32)
-
-
-@pytest.mark.parametrize("length, stride, samples", [(256, 256, 46600), (512, 256, 46600), (1024, 512, 6000),
-                                                     (8, 3, 50), (5, 7, 40)])
-def test_framed_conv_equals_keras_conv1d(length, stride, samples):
-    x = np.random.default_rng(0).standard_normal((2, 3, samples, 1)).astype(np.float32)
-    framed = FramedConv1D(4, length, stride, activation="relu")
-    conv = keras.layers.Conv1D(4, length, strides=stride, activation="relu")
-    framed.build(x.shape)
-    conv.build((None, samples, 1))
-    conv.set_weights([framed.kernel.numpy()[:, None, :], framed.bias.numpy() + 0.1])
-    framed.bias.assign(framed.bias + 0.1)
-    got = framed(x).numpy()
-    want = conv(x.reshape(6, samples, 1)).numpy().reshape(2, 3, -1, 4)
-    assert got.shape == want.shape == (2, 3, (samples - length) // stride + 1, 4)
-    np.testing.assert_allclose(got, want, atol=1e-4)
 
 
 def test_demo_clip_fits_every_length_stride_pair():
