@@ -186,8 +186,9 @@ def _replica_mean(optimizer_class, replicas):
 
     Keras 3.6 averages the loss over each replica's batch and then sums the replicas' gradients, so
     under MirroredStrategy every update is `replicas` times too large (keras-team/keras#19891, fixed
-    in Keras 3.8). Dividing here makes the update the mean over the global batch, as on one device;
-    the logged loss is taken before this scaling and stays the true mean.
+    upstream by keras-team/keras#20609). Dividing here makes the update the mean over the global
+    batch, as on one device; the logged loss is taken before this scaling and stays the true mean.
+    A Keras with the fix needs this removed: test_mirrored_training_updates_like_one_device fails.
     """
     class ReplicaMean(optimizer_class):
         def scale_loss(self, loss):

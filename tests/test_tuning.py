@@ -154,13 +154,20 @@ def test_distributed_chief_and_two_workers_on_localhost(tiny_records, tmp_path):
     (["--arch", "rnn"], "invalid choice"),
     (["--arch", "cnn", "--lr", "0.1,-2"], "learning rates must be"),
     (["--arch", "cnn", "--momentum", "1.5"], "momenta must be"),
-    (["--arch", "crnn", "--momentum", "0.9"], "--momentum is for the CNN"),
+    (["--arch", "crnn", "--momentum", "0.9"], "are for the CNN"),
+    (["--arch", "cnn", "--length", "512"], "together"),
     (["--arch", "cnn", "--epochs", "0"], "at least 1"),
     (["--arch", "cnn", "--data", "/no/such/records"], "no manifest.json"),
 ])
 def test_usage_errors(args, message):
     r = _search(*args)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_length_stride_that_does_not_fit_the_clips(tiny_records):
+    r = _search("--arch", "cnn", "--data", tiny_records, "--length", "4096", "--stride", "4096", *TINY)
+    assert r.returncode == 2 and "does not fit" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
 
 
 def test_another_search_in_the_same_folder_is_refused(tiny_records, tmp_path):

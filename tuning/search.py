@@ -1,7 +1,7 @@
 """Hyperparameter searches with KerasTuner: the study's Table I (CNN) and Fig. 7 (CRNN).
 
     python -m tuning.search --arch cnn [--data DIR] [--epochs N] [--momentum 0.99,0.97,0.95,0.9,0]
-                            [--lr 0.001,0.002,0.005,0.01,0.02]
+                            [--lr 0.001,0.002,0.005,0.01,0.02] [--length 256 --stride 256]
     python -m tuning.search --arch crnn [--data DIR] [--epochs N] [--lr 1e-4,2e-4,5e-4,1e-3,2e-3]
 
 A grid search (KerasTuner's GridSearch) with objective val_auc (max): SGD momentum x learning rate
@@ -53,14 +53,18 @@ def parse_args(argv):
                    help="CNN: SGD momenta (default: 0.99,0.97,0.95,0.9,0)")
     p.add_argument("--lr", type=number_list(1e-12, math.inf, "learning rates"),
                    help="learning rates (default: CNN 0.001,0.002,0.005,0.01,0.02; CRNN 1e-4,2e-4,5e-4,1e-3,2e-3)")
+    p.add_argument("--length", type=positive_int, help="CNN: filter length of the strided convolution (default 256)")
+    p.add_argument("--stride", type=positive_int, help="CNN: its stride (default 256)")
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--width", type=float, help="multiply channel counts (tests, quick checks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="search folder (default: runs/search-<arch>-<data>-...)")
     p.add_argument("--runs-dir", default="runs")
     args = p.parse_args(argv)
-    if args.arch == "crnn" and args.momentum:
-        p.error("--momentum is for the CNN's SGD; the CRNN search tunes Adam's --lr")
+    if args.arch == "crnn" and (args.momentum or args.length or args.stride):
+        p.error("--momentum, --length and --stride are for the CNN; the CRNN search tunes Adam's --lr")
+    if (args.length is None) != (args.stride is None):
+        p.error("give --length and --stride together")
     if args.width is not None and args.width <= 0:
         p.error(f"--width {args.width} must be greater than 0")
     return args
@@ -73,7 +77,7 @@ def search_config(args):
     values = {**train.STUDY[args.arch], **(train.DEMO[args.arch] if demo else {})}
     values.update(optimizer="sgd" if args.arch == "cnn" else "adam",
                   epochs=args.epochs or (DEMO_EPOCHS[args.arch] if demo else values["epochs"]))
-    for key in ("batch_size", "width"):
+    for key in ("batch_size", "width", "length", "stride"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     config = train.Config(arch=args.arch, data=args.data or train.DEMO_DATA, demo=demo, seed=args.seed,
@@ -88,7 +92,8 @@ def search_config(args):
 def default_out(config):
     data = os.path.basename(config.data.rstrip("/"))
     width = f"-w{config.width:g}" if config.width != 1 else ""
-    return (f"{config.runs_dir}/search-{config.arch}{width}-{data}-{config.optimizer}-b{config.batch_size}"
+    shape = f"-l{config.length}s{config.stride}" if config.arch == "cnn" else ""
+    return (f"{config.runs_dir}/search-{config.arch}{shape}{width}-{data}-{config.optimizer}-b{config.batch_size}"
             f"-e{config.epochs}-s{config.seed}")
 
 
