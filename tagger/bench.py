@@ -11,6 +11,7 @@ resident memory is its own. With --peer, ../shared/bench/peer_torch.py (the same
 PyTorch) runs under that interpreter, alternating with our training stages, and the ratios are
 printed. Speed goals live here, never in the tests.
 """
+import argparse
 import json
 import os
 import platform
@@ -27,8 +28,8 @@ from tagger.cli import EXIT_OK, ArgumentParser, UsageError, main_guard, positive
 PROG = "python -m tagger.bench"
 CLIP_SAMPLES = 466_000
 NUM_TAGS = 50
-PEER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "bench",
-                    "peer_torch.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEER = os.path.join(ROOT, "..", "shared", "bench", "peer_torch.py")
 # (full, quick) sizes of each stage: timed steps after the warm-up
 SIZES = {"pipeline_clips": (96, 40), "pipeline_seconds": (4.0, 1.5), "frontend_steps": (4, 2),
          "librosa_clips": (6, 2), "cnn_steps": (40, 15), "crnn_steps": (4, 2), "predict_steps": (3, 1)}
@@ -43,7 +44,7 @@ def parse_args(argv):
     p.add_argument("--rounds", type=positive_int, help="alternating rounds of training (ours, then the peer's); "
                    "default 2, 1 with --quick")
     p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1, help="threads for the peer")
-    p.add_argument("--stage", choices=STAGES, help=argparse_hidden())
+    p.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)   # one stage, run by the driver
     args = p.parse_args(argv)
     if args.peer and not os.path.isfile(PEER):
         p.error(f"--peer needs {os.path.normpath(PEER)}, which is missing")
@@ -52,11 +53,6 @@ def parse_args(argv):
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json {args.json}: its folder does not exist")
     return args
-
-
-def argparse_hidden():
-    import argparse
-    return argparse.SUPPRESS
 
 
 def _size(name, quick):
@@ -267,9 +263,8 @@ def _subprocess(cmd, label, cwd=None):
 
 
 def our_stage(name, quick):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "tagger.bench", "--stage", name] + (["--quick"] if quick else [])
-    out = _subprocess(cmd, name, cwd=root)
+    out = _subprocess(cmd, name, cwd=ROOT)
     line = [ln for ln in out.splitlines() if ln.startswith("BENCH ")][-1]
     return json.loads(line[len("BENCH "):])
 

@@ -240,11 +240,9 @@ def run(parsed):
     args, configs = parsed
     if args.command == "compare":
         return compare(args)
-    data = {c.data for c in configs}
-    for d in data:
-        if not configs[0].demo and not files.exists(f"{d}/manifest.json"):
-            raise UsageError(f"--data {d} is not a TFRecords folder from tagger.prepare (no manifest.json "
-                             "there): prepare it first, or check the path")
+    from tagger import train
+    for config in {c.data: c for c in configs}.values():
+        train.check_data_folder(config)
     return run_series(args, configs)
 
 

@@ -22,6 +22,7 @@ import keras
 import tensorflow as tf
 
 from tagger.data import NUM_SUB_CLIPS, to_sub_clips
+from tagger.files import is_remote
 
 SAMPLE_RATE = 16000
 WINDOW_BATCH = 8
@@ -90,7 +91,7 @@ def export(model, arch, out_dir, tags, clip_samples, files):
     renamed): written locally, then copied with saved_model.pb last, which is what readers check for.
     """
     out_dir = out_dir.rstrip("/")
-    remote = "://" in out_dir
+    remote = is_remote(out_dir)
     tmp = tempfile.mkdtemp(prefix="tagger-export-") if remote else f"{out_dir}.tmp-{os.getpid()}"
     if tf.io.gfile.exists(tmp):
         tf.io.gfile.rmtree(tmp)

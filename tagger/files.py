@@ -18,7 +18,7 @@ def atomic_write_text(path, text):
 
 def save_via_local(save, path):
     """Keras saves only to local files: `save(local_path)`, then copy to a remote `path`."""
-    if "://" not in path:
+    if not is_remote(path):
         save(path)
         return
     import tensorflow as tf
@@ -30,7 +30,7 @@ def save_via_local(save, path):
 
 def load_via_local(load, path):
     """`load(local_path)` for a file that may be remote."""
-    if "://" not in path:
+    if not is_remote(path):
         return load(path)
     import tensorflow as tf
     local = f"/tmp/{os.getpid()}-{os.path.basename(path)}"

@@ -18,7 +18,6 @@ import time
 from collections import Counter
 
 from tagger import files, mtat
-from tagger.files import atomic_write_text
 from tagger.cli import (EXIT_OK, EXIT_USAGE, ArgumentParser, Progress, UsageError, main_guard,
                         nonnegative_float, positive_float, positive_int, quiet_tensorflow)
 
@@ -196,7 +195,7 @@ def _write_shard(tf, out, progress_dir, name, entries, results, tag_index, tags)
             written += 1
     summary = {"clips": written, "skipped": skipped, "padded": padded, "tag_counts": dict(counts)}
     # The summary first, then the shard: a shard that exists always has its summary.
-    atomic_write_text(f"{progress_dir}/{name}.json", json.dumps(summary))
+    files.atomic_write_text(f"{progress_dir}/{name}.json", json.dumps(summary))
     tf.io.gfile.rename(tmp, f"{out}/{name}", overwrite=True)
 
 
@@ -220,7 +219,7 @@ def write_manifest(tf, out, shards, tags, settings):
         "annotations_sha256": settings["annotations_sha256"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    atomic_write_text(f"{out}/manifest.json", json.dumps(manifest, indent=1))
+    files.atomic_write_text(f"{out}/manifest.json", json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -251,7 +250,7 @@ def _check_settings(out, settings):
 
 def _ensure_writable(out):
     """A local output folder that cannot be created or written to is a usage error, found first."""
-    if "://" in out:
+    if files.is_remote(out):
         return  # remote folders are checked when TensorFlow's filesystem opens them
     try:
         os.makedirs(out, exist_ok=True)

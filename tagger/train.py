@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from tagger import files
 from tagger.cli import (EXIT_FAILED, EXIT_OK, ArgumentParser, UsageError, main_guard, positive_float,
                         positive_int, quiet_tensorflow)
 
@@ -253,12 +254,17 @@ def make_strategy(config):
     return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(n)])
 
 
+def check_data_folder(config):
+    """--data must be a finished tagger.prepare output (the demo is made when missing): one line, exit 2."""
+    if not config.demo and not files.exists(f"{config.data}/manifest.json"):
+        raise UsageError(f"--data {config.data} is not a TFRecords folder from tagger.prepare (no "
+                         "manifest.json there): prepare it first, or check the path")
+
+
 def run(config):
     """Train, evaluate, export. Returns the exit status."""
     started = time.time()
-    if not config.demo and "://" not in config.data and not os.path.isfile(os.path.join(config.data, "manifest.json")):
-        raise UsageError(f"--data {config.data} is not a TFRecords folder from tagger.prepare (no "
-                         "manifest.json there): prepare it first, or check the path")
+    check_data_folder(config)
     print(("Demo settings (no --data): " if config.demo else "Settings: ")
           + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items()), file=sys.stderr)
     if config.demo:

@@ -232,9 +232,7 @@ def write_curves(out, cells, grid):
 def run(args):
     from tagger import train
     config, grid = search_config(args)
-    if not config.demo and not files.exists(f"{config.data}/manifest.json"):
-        raise UsageError(f"--data {config.data} is not a TFRecords folder from tagger.prepare (no "
-                         "manifest.json there): prepare it first, or check the path")
+    train.check_data_folder(config)
     out = (args.out or default_out(config)).rstrip("/")
     tuner_id = os.environ.get("KERASTUNER_TUNER_ID")
     if "KERASTUNER_ORACLE_IP" in os.environ and (not tuner_id or "KERASTUNER_ORACLE_PORT" not in os.environ):
