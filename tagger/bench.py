@@ -212,17 +212,21 @@ def forward_flops(model):
     mel projection. Elementwise work (batch norm, activations, pooling) is left out."""
     import math
 
+    import keras
     import numpy as np
 
     from tagger.features import LogMelSpectrogram, Resample
+    from tagger.models import StridedConv1D
     total = 0
     for layer in model.layers:
         name = type(layer).__name__
         out = layer.output.shape
-        if name == "Conv2D":
+        if isinstance(layer, keras.layers.Conv2D):
             kh, kw = layer.kernel_size
             cin = layer.input.shape[-1]
             total += 2 * kh * kw * cin * layer.filters * int(np.prod(out[1:-1]))
+        elif isinstance(layer, StridedConv1D):
+            total += 2 * layer.length * layer.filters * int(np.prod(out[1:-1]))
         elif name == "Dense":
             total += 2 * layer.input.shape[-1] * layer.units * int(np.prod(out[1:-1] or [1]))
         elif name == "GRU":
@@ -290,9 +294,11 @@ def machine():
     except (OSError, AttributeError):
         pass
     import tensorflow as tf
+
+    from tagger.models import onednn_cpu
     gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
     return {"cpu": model, "cores": os.cpu_count(), "gpus": gpus, "tensorflow": tf.__version__,
-            "python": platform.python_version(),
+            "python": platform.python_version(), "onednn": onednn_cpu(),
             "bf16": any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))}
 
 
@@ -345,7 +351,8 @@ def run(args):
 def table(r):
     m = r["machine"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores{', GPUs: ' + ', '.join(m['gpus']) if m['gpus'] else ''}; "
-             f"TensorFlow {m['tensorflow']}; matmul {r['matmul_gflops']:.0f} GFLOP/s (float32)", "",
+             f"TensorFlow {m['tensorflow']}{' with oneDNN' if m['onednn'] else ''}; "
+             f"matmul {r['matmul_gflops']:.0f} GFLOP/s (float32)", "",
              "| stage | clips/s | peak RSS (MB) | note |", "|---|---:|---:|---|"]
 
     def row(label, key, rss, note=""):

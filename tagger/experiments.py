@@ -150,6 +150,7 @@ def series_name(config, runs, first_seed):
 def run_series(args, configs):
     from tagger import train
     first = configs[0]
+    train.choose_cpu_kernels(first)
     if first.demo:
         train.ensure_demo_data(first)
     quiet_tensorflow()

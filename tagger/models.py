@@ -8,6 +8,8 @@ Both take 16 kHz float32 waveforms in [-1, 1]:
 - `build_crnn`: Choi et al. (2017) on log-mel spectrograms of the clip resampled to 12 kHz inside
   the model; input (batch, clip_samples).
 """
+import os
+
 import keras
 import tensorflow as tf
 from keras import layers
@@ -42,6 +44,102 @@ class FusedBatchNormalization(layers.BatchNormalization):
         return outputs
 
 
+@keras.saving.register_keras_serializable(package="tagger")
+class StridedConv1D(layers.Layer):
+    """Keras's `Conv1D(filters, length, strides=stride)` (valid padding) along the last axis of
+    (batch, ..., samples) inputs, without a channel axis: output (batch, ..., frames, filters). Same
+    kernel shape (length, 1, filters), initializer and arithmetic as Conv1D.
+
+    When the length equals the stride (256/256 and the other non-overlapping settings), the samples are
+    cut into frames and the convolution is one matrix product, its weight gradient another: on CPU,
+    TensorFlow's Conv2DBackpropFilter for a one-channel input and a long kernel is slower (256/256,
+    forward and backward for 10 clips, 2 cores: 19 -> 12 ms with oneDNN, 25-35 -> 14 ms without).
+    Overlapping frames run as Conv1D does (its forward is faster there, its training no slower).
+    """
+
+    def __init__(self, filters, length, stride, activation=None, **kwargs):
+        super().__init__(**kwargs)
+        self.filters, self.length, self.stride = int(filters), int(length), int(stride)
+        self.activation = keras.activations.get(activation)
+
+    def build(self, input_shape):
+        if input_shape[-1] is None or None in input_shape[1:-1]:
+            raise ValueError(f"{self.name} needs a known number of samples and sub-clips, got {input_shape}")
+        self.kernel = self.add_weight(name="kernel", shape=(self.length, 1, self.filters),
+                                      initializer="glorot_uniform")
+        self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
+
+    def frames(self, samples):
+        return (samples - self.length) // self.stride + 1
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.frames(input_shape[-1]), self.filters)
+
+    def call(self, x):
+        inner = list(x.shape[1:-1])
+        frames = self.frames(x.shape[-1])
+        if self.length == self.stride:
+            y = tf.matmul(tf.reshape(x[..., :frames * self.stride], [-1, self.stride]),
+                          tf.reshape(self.kernel, [self.stride, self.filters]))
+        else:
+            y = tf.nn.conv1d(tf.reshape(x, [-1, x.shape[-1], 1]), self.kernel, self.stride, "VALID")
+        # MatMul -> BiasAdd -> Relu: a pattern TensorFlow's graph optimizer fuses into one kernel.
+        y = self.activation(tf.nn.bias_add(y, self.bias))
+        return tf.reshape(y, [-1, *inner, frames, self.filters])
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "length": self.length, "stride": self.stride,
+                "activation": keras.activations.serialize(self.activation)}
+
+
+def onednn_cpu():
+    """True when TensorFlow computes on the CPU (no GPU visible) with oneDNN's kernels (see tagger/__init__.py)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+        onednn = _pywrap_util_port.IsMklEnabled()
+    except (ImportError, AttributeError):
+        onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "1"
+    return onednn and not tf.config.list_logical_devices("GPU")
+
+
+def _conv2d_same_tap_gradient(x, kernel):
+    """`tf.nn.conv2d(x, kernel, 1, "SAME")` whose kernel gradient is one matrix product per kernel tap,
+    sum over (batch, height, width) of shifted inputs x output gradients; the input gradient is
+    TensorFlow's own. Same values; oneDNN's backward-weights kernel for a (16, 48, 720, 64) input and 128
+    filters takes 4.3 s on 2 CPU cores, the nine products 0.9 s.
+    """
+    kh, kw = kernel.shape[:2]
+
+    @tf.custom_gradient
+    def conv(x, kernel):
+        def grad(dy):
+            dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=kernel, out_backprop=dy,
+                                                strides=[1, 1, 1, 1], padding="SAME")
+            h, w = tf.shape(x)[1], tf.shape(x)[2]
+            padded = tf.pad(x, [[0, 0], [(kh - 1) // 2, kh // 2], [(kw - 1) // 2, kw // 2], [0, 0]])
+            taps = [tf.einsum("nhwc,nhwf->cf", padded[:, a:a + h, b:b + w], dy) for a in range(kh) for b in range(kw)]
+            return dx, tf.reshape(tf.stack(taps), tf.shape(kernel))
+        return tf.nn.conv2d(x, kernel, 1, "SAME"), grad
+
+    return conv(tf.convert_to_tensor(x), tf.convert_to_tensor(kernel))   # a variable read outside: plain tensors inside
+
+
+@keras.saving.register_keras_serializable(package="tagger")
+class TapGradientConv2D(layers.Conv2D):
+    """Keras's Conv2D (same variables, same values) whose kernel gradient, for a stride-1 "same"
+    convolution of a many-channel input computed by oneDNN on a CPU, is matrix products per kernel tap
+    (`_conv2d_same_tap_gradient`); everywhere else (a GPU, TensorFlow's own CPU kernels, where these
+    products are slower) it is Conv2D's own.
+    """
+
+    def convolution_op(self, inputs, kernel):
+        if (self.strides == (1, 1) and self.dilation_rate == (1, 1) and self.padding == "same"
+                and self.groups == 1 and self.data_format == "channels_last" and inputs.shape[-1] >= 8
+                and onednn_cpu()):
+            return _conv2d_same_tap_gradient(inputs, kernel)
+        return super().convolution_op(inputs, kernel)
+
+
 def cnn_frames(sub_clip_samples, length, stride, sample_rate=INPUT_RATE, input_rate=INPUT_RATE):
     """Time steps left after the strided convolution and the two poolings (0: the clip is too short)."""
     n = -(-sub_clip_samples * sample_rate // input_rate) if sample_rate != input_rate else sub_clip_samples
@@ -55,7 +153,8 @@ def build_cnn(num_tags, sub_clip_samples, length=256, stride=256, num_sub_clips=
     -> Dense(dense_units) -> Dense(num_tags, sigmoid), ReLU after the convolutions and the first dense
     layer, applied to each sub-clip; the sub-clip probabilities are averaged.
 
-    The 1-D layers run as 2-D layers with a kernel height of 1 over (sub-clip, time), so the 10
+    The strided convolution is `StridedConv1D` (Conv1D's weights and arithmetic as matrix products);
+    the other 1-D layers run as 2-D layers with a kernel height of 1 over (sub-clip, time), so the 10
     sub-clips need no reshape into the batch: the weights and arithmetic are exactly Conv1D's.
     """
     if cnn_frames(sub_clip_samples, length, stride, sample_rate, input_rate) < 1:
@@ -63,8 +162,7 @@ def build_cnn(num_tags, sub_clip_samples, length=256, stride=256, num_sub_clips=
                          f"stride {stride}: the two poolings leave no time step")
     waves = keras.Input((num_sub_clips, sub_clip_samples), name="waveform")
     x = Resample(input_rate, sample_rate, name="resample")(waves) if sample_rate != input_rate else waves
-    x = layers.Reshape((num_sub_clips, -1, 1), name="add_channel")(x)
-    x = layers.Conv2D(filters, (1, length), strides=(1, stride), activation="relu", name="strided_conv")(x)
+    x = StridedConv1D(filters, length, stride, activation="relu", name="strided_conv")(x)
     for i in (1, 2):
         x = layers.Conv2D(filters, (1, 8), padding="same", activation="relu", name=f"conv{i}")(x)
         x = layers.MaxPooling2D((1, 4), name=f"pool{i}")(x)
@@ -91,7 +189,7 @@ def build_crnn(num_tags, clip_samples, gru_units=32, filters=(64, 128, 128, 128)
     x = layers.Reshape((num_mel_bins, -1, 1), name="add_channel")(x)
     x = layers.ZeroPadding2D(((0, 0), (pad_frames, pad_frames)), name="pad_time")(x)
     for i, (f, pool) in enumerate(zip(filters, pools), 1):
-        x = layers.Conv2D(f, 3, padding="same", name=f"conv{i}")(x)
+        x = TapGradientConv2D(f, 3, padding="same", name=f"conv{i}")(x)
         x = FusedBatchNormalization(momentum=bn_momentum, name=f"bn{i}")(x)
         # ELU then max pooling, computed in the other order: ELU is strictly increasing, so it
         # commutes with max (same values, same argmax, same gradients) and runs on a tensor 4 to 16

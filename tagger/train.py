@@ -261,12 +261,23 @@ def check_data_folder(config):
                          "manifest.json there): prepare it first, or check the path")
 
 
+def choose_cpu_kernels(config):
+    """Call before TensorFlow is imported. Under MirroredStrategy, TF 2.16's oneDNN kernels fail in the
+    CRNN's batch norm on the second replica ("scale must have the same number of elements as the
+    channels of x", as in tensorflow/tensorflow#61496), so a mirrored run uses TensorFlow's own CPU
+    kernels unless the user set TF_ENABLE_ONEDNN_OPTS (GPU kernels are not affected either way)."""
+    import tagger
+    if config.strategy == "mirrored" and tagger.ONEDNN_DEFAULTED and "tensorflow" not in sys.modules:
+        os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
+
+
 def run(config):
     """Train, evaluate, export. Returns the exit status."""
     started = time.time()
     check_data_folder(config)
     print(("Demo settings (no --data): " if config.demo else "Settings: ")
           + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items()), file=sys.stderr)
+    choose_cpu_kernels(config)
     if config.demo:
         ensure_demo_data(config)
     quiet_tensorflow()

@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+import tagger  # noqa: F401  (first, as in our commands: its TensorFlow settings apply to the whole suite)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_ANNOTATIONS = os.path.join(ROOT, "..", "shared", "mtat", "annotations_final.csv.gz")
 TINY_SECONDS = 4.0  # long enough for the CNN at 256/256 and the CRNN's poolings

@@ -16,7 +16,8 @@ def test_cnn_flops_per_clip_worked_out_by_hand():
 
 
 def test_table_reports_ratios_and_missing_values():
-    r = {"machine": {"cpu": "Test CPU", "cores": 2, "gpus": [], "tensorflow": "2.16.2"}, "matmul_gflops": 100.0,
+    r = {"machine": {"cpu": "Test CPU", "cores": 2, "gpus": [], "tensorflow": "2.16.2",
+                     "onednn": True}, "matmul_gflops": 100.0,
          "pipeline_cnn_clips_per_s": 400.0, "pipeline_crnn_clips_per_s": 500.0, "pipeline_vs_crnn_train": 200.0,
          "frontend_clips_per_s": 100.0, "librosa_clips_per_s": None, "librosa_note": "not installed",
          "cnn_train_clips_per_s": 300.0, "cnn_forward_flops_per_clip": 68e6, "cnn_train_gflops": 61.2,
@@ -24,7 +25,7 @@ def test_table_reports_ratios_and_missing_values():
          "predict_clips_per_s": 9.0, "peer": {"cnn_train_clips_per_s": 200.0, "crnn_train_clips_per_s": 1.6},
          "cnn_train_vs_peer": 1.5, "crnn_train_vs_peer": 1.25}
     text = table(r)
-    assert "Test CPU, 2 cores" in text and "| librosa (resample_poly + melspectrogram + dB) | n/a |" in text
+    assert "Test CPU, 2 cores; TensorFlow 2.16.2 with oneDNN" in text and "| librosa (resample_poly + melspectrogram + dB) | n/a |" in text
     assert "1.50 x PyTorch (200.00 clips/s)" in text and "1.25 x PyTorch" in text and "200 x CRNN training" in text
 
 
