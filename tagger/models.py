@@ -117,7 +117,12 @@ def _conv2d_same_tap_gradient(x, kernel):
                                                 strides=[1, 1, 1, 1], padding="SAME")
             h, w = tf.shape(x)[1], tf.shape(x)[2]
             padded = tf.pad(x, [[0, 0], [(kh - 1) // 2, kh // 2], [(kw - 1) // 2, kw // 2], [0, 0]])
-            taps = [tf.einsum("nhwc,nhwf->cf", padded[:, a:a + h, b:b + w], dy) for a in range(kh) for b in range(kw)]
+            taps = []
+            for a in range(kh):
+                for b in range(kw):
+                    # One shifted copy of the input alive at a time: each waits for the previous product.
+                    with tf.control_dependencies(taps[-1:]):
+                        taps.append(tf.einsum("nhwc,nhwf->cf", padded[:, a:a + h, b:b + w], dy))
             return dx, tf.reshape(tf.stack(taps), tf.shape(kernel))
         return tf.nn.conv2d(x, kernel, 1, "SAME"), grad
 
