@@ -2,8 +2,9 @@
 import os
 
 # oneDNN's CPU kernels. TensorFlow 2.16 turns them on by default only on CPUs with AVX-512 VNNI/BF16 or
-# AMX; on an AVX2 CPU they train our CNN about 1.4 x and our CRNN about 1.6 x faster (python -m
-# tagger.bench). They take effect only when tagger is imported before TensorFlow, as our commands do;
+# AMX; on an AVX2 CPU they alone train our CNN about 1.4 x faster, and our CRNN about 1.6 x faster
+# together with tagger.models.TapGradientConv2D (python -m tagger.bench; README, Performance). They
+# take effect only when tagger is imported before TensorFlow, as our commands do;
 # TF_ENABLE_ONEDNN_OPTS=0 keeps TensorFlow's own kernels. No effect on GPUs. TAGGER_ONEDNN_DEFAULT
 # tells our child processes that the setting is our default, not the user's choice.
 ONEDNN_DEFAULTED = ("TF_ENABLE_ONEDNN_OPTS" not in os.environ
