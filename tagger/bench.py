@@ -219,7 +219,6 @@ def forward_flops(model):
     from tagger.models import StridedConv1D
     total = 0
     for layer in model.layers:
-        name = type(layer).__name__
         out = layer.output.shape
         if isinstance(layer, keras.layers.Conv2D):
             kh, kw = layer.kernel_size
@@ -227,9 +226,9 @@ def forward_flops(model):
             total += 2 * kh * kw * cin * layer.filters * int(np.prod(out[1:-1]))
         elif isinstance(layer, StridedConv1D):
             total += 2 * layer.length * layer.filters * int(np.prod(out[1:-1]))
-        elif name == "Dense":
+        elif isinstance(layer, keras.layers.Dense):
             total += 2 * layer.input.shape[-1] * layer.units * int(np.prod(out[1:-1] or [1]))
-        elif name == "GRU":
+        elif isinstance(layer, keras.layers.GRU):
             steps, cin = layer.input.shape[1], layer.input.shape[2]
             total += steps * 3 * 2 * (cin * layer.units + layer.units * layer.units)
         elif isinstance(layer, Resample):
