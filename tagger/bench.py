@@ -1,6 +1,6 @@
 """Benchmark: clips per second of each stage, on random data of MagnaTagATune's real shapes.
 
-    python -m tagger.bench [--json PATH] [--quick] [--peer PYTHON] [--rounds N]
+    python -m tagger.bench [--json PATH] [--quick] [--peer PYTHON] [--rounds N] [--precision P]
 
 Clips of 29.125 s (466,000 samples at 16 kHz) and 50 tags, through the project's own code: TFRecord
 shards written as tagger.prepare writes them and read by tagger.data's pipeline; the model's
@@ -9,7 +9,8 @@ and stepped by model.fit (from tensors in memory, so the step alone is timed); t
 SavedModel's serving_default. Each stage runs in its own process after a warm-up, so its peak
 resident memory is its own. With --peer, ../shared/bench/peer_torch.py (the same two models in
 PyTorch) runs under that interpreter, alternating with our training stages, and the ratios are
-printed. Speed goals live here, never in the tests.
+printed. --precision mixed_bfloat16 or mixed_float16 times the training and predict stages with
+tagger.train's --precision (the peer stays float32). Speed goals live here, never in the tests.
 """
 import argparse
 import json
@@ -24,6 +25,7 @@ import tempfile
 import time
 
 from tagger.cli import EXIT_OK, ArgumentParser, UsageError, main_guard, positive_int, quiet_tensorflow
+from tagger.train import PRECISIONS
 
 PROG = "python -m tagger.bench"
 CLIP_SAMPLES = 466_000
@@ -44,6 +46,8 @@ def parse_args(argv):
     p.add_argument("--rounds", type=positive_int, help="alternating rounds of training (ours, then the peer's); "
                    "default 2, 1 with --quick")
     p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1, help="threads for the peer")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default="float32",
+                   help="tagger.train's --precision for the training and predict stages (default: float32)")
     p.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)   # one stage, run by the driver
     args = p.parse_args(argv)
     if args.peer and not os.path.isfile(PEER):
@@ -144,7 +148,7 @@ def stage_librosa(quick):
     return {"librosa_clips_per_s": len(clips) / (time.perf_counter() - start)}
 
 
-def _model_and_batch(arch):
+def _model_and_batch(arch, precision):
     import dataclasses
 
     import numpy as np
@@ -152,7 +156,7 @@ def _model_and_batch(arch):
     from tagger import train
     from tagger.data import NUM_SUB_CLIPS
     config = train.Config(arch=arch, data="bench", **{**train.STUDY[arch], "epochs": 1})
-    config = dataclasses.replace(config, length=256, stride=256)
+    config = dataclasses.replace(config, length=256, stride=256, precision=precision)
     manifest = {"tags": [f"t{i}" for i in range(NUM_TAGS)], "clip_samples": CLIP_SAMPLES}
     model = train.compile_model(train.build_model(config, manifest), config)
     rng = np.random.default_rng(0)
@@ -163,10 +167,10 @@ def _model_and_batch(arch):
     return model, config, x, y
 
 
-def stage_train(arch, quick):
+def stage_train(arch, quick, precision):
     """Training steps of tagger.train's model and compile (CNN 256/256, 10 clips; CRNN 16 clips)."""
     import tensorflow as tf
-    model, config, x, y = _model_and_batch(arch)
+    model, config, x, y = _model_and_batch(arch, precision)
     import keras
     ds = tf.data.Dataset.from_tensors((x, y)).repeat()
     steps = _size(f"{arch}_steps", quick)
@@ -181,12 +185,12 @@ def stage_train(arch, quick):
             f"{arch}_forward_flops_per_clip": forward_flops(model)}
 
 
-def stage_predict(quick):
+def stage_predict(quick, precision):
     """The exported CRNN SavedModel's serving_default on batches of 16 clips."""
     import tensorflow as tf
 
     from tagger import export
-    model, _, x, _ = _model_and_batch("crnn")
+    model, _, x, _ = _model_and_batch("crnn", precision)
     with tempfile.TemporaryDirectory(prefix="tagger-bench-") as tmp:
         out = export.export(model, "crnn", f"{tmp}/crnn", [f"t{i}" for i in range(NUM_TAGS)], CLIP_SAMPLES, {})
         serve = tf.saved_model.load(out).signatures["serving_default"]
@@ -239,11 +243,11 @@ def forward_flops(model):
     return int(total)
 
 
-def run_stage(name, quick):
+def run_stage(name, quick, precision):
     quiet_tensorflow()
     fn = {"pipeline": stage_pipeline, "frontend": stage_frontend, "librosa": stage_librosa,
-          "cnn_train": lambda q: stage_train("cnn", q), "crnn_train": lambda q: stage_train("crnn", q),
-          "predict": stage_predict, "matmul": stage_matmul}[name]
+          "cnn_train": lambda q: stage_train("cnn", q, precision), "crnn_train": lambda q: stage_train("crnn", q, precision),
+          "predict": lambda q: stage_predict(q, precision), "matmul": stage_matmul}[name]
     result = fn(quick)
     result[f"{name}_peak_rss_mb"] = peak_rss_mb()
     print("BENCH " + json.dumps(result))
@@ -265,8 +269,8 @@ def _subprocess(cmd, label, cwd=None):
     return r.stdout
 
 
-def our_stage(name, quick):
-    cmd = [sys.executable, "-m", "tagger.bench", "--stage", name] + (["--quick"] if quick else [])
+def our_stage(name, quick, precision):
+    cmd = [sys.executable, "-m", "tagger.bench", "--stage", name, "--precision", precision] + (["--quick"] if quick else [])
     out = _subprocess(cmd, name, cwd=ROOT)
     line = [ln for ln in out.splitlines() if ln.startswith("BENCH ")][-1]
     return json.loads(line[len("BENCH "):])
@@ -284,37 +288,34 @@ def peer_run(python, threads):
 
 def machine():
     model = platform.processor() or platform.machine()
-    flags = ""
     try:
         with open("/proc/cpuinfo") as f:
-            info = f.read()
-        model = re.search(r"model name\s*:\s*(.+)", info).group(1).strip()
-        flags = re.search(r"flags\s*:\s*(.+)", info).group(1)
+            model = re.search(r"model name\s*:\s*(.+)", f.read()).group(1).strip()
     except (OSError, AttributeError):
         pass
     import tensorflow as tf
 
-    from tagger.models import onednn_cpu
+    from tagger.models import CPU_16BIT_FLAGS, cpu_flags, onednn_cpu
     gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
     return {"cpu": model, "cores": os.cpu_count(), "gpus": gpus, "tensorflow": tf.__version__,
             "python": platform.python_version(), "onednn": onednn_cpu(),
-            "bf16": any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))}
+            "bf16": bool(cpu_flags() & set(CPU_16BIT_FLAGS["mixed_bfloat16"]))}
 
 
 def run(args):
     if args.stage:
-        return run_stage(args.stage, args.quick)
+        return run_stage(args.stage, args.quick, args.precision)
     quick = args.quick
     rounds = args.rounds or (1 if quick else 2)
     print(f"Benchmark ({'quick' if quick else 'full'}, {rounds} round(s) of training"
           + (f" alternating with {args.peer}" if args.peer else "") + "):", file=sys.stderr)
     results = {}
     for name in ("pipeline", "frontend", "librosa", "predict", "matmul"):
-        results.update(our_stage(name, quick))
+        results.update(our_stage(name, quick, args.precision))
     train_runs, peer_runs = {"cnn": [], "crnn": []}, []
     for r in range(rounds):
         for arch in ("cnn", "crnn"):
-            stage = our_stage(f"{arch}_train", quick)
+            stage = our_stage(f"{arch}_train", quick, args.precision)
             train_runs[arch].append(stage[f"{arch}_train_clips_per_s"])
             results.update({k: v for k, v in stage.items() if not k.endswith("_train_clips_per_s")})
         if args.peer:
@@ -338,6 +339,7 @@ def run(args):
     quiet_tensorflow()
     results["machine"] = machine()
     results["quick"] = quick
+    results["precision"] = args.precision
     results["date"] = time.strftime("%Y-%m-%d %H:%M")
     print(table(results))
     if args.json:
@@ -351,7 +353,9 @@ def table(r):
     m = r["machine"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores{', GPUs: ' + ', '.join(m['gpus']) if m['gpus'] else ''}; "
              f"TensorFlow {m['tensorflow']}{' with oneDNN' if m['onednn'] else ''}; "
-             f"matmul {r['matmul_gflops']:.0f} GFLOP/s (float32)", "",
+             f"matmul {r['matmul_gflops']:.0f} GFLOP/s (float32)"
+             + (f"; training and predict in {r['precision']} (the peer in float32)"
+                if r.get("precision", "float32") != "float32" else ""), "",
              "| stage | clips/s | peak RSS (MB) | note |", "|---|---:|---:|---|"]
 
     def row(label, key, rss, note=""):

@@ -7,8 +7,13 @@ Both take 16 kHz float32 waveforms in [-1, 1]:
   resamples first, inside the model).
 - `build_crnn`: Choi et al. (2017) on log-mel spectrograms of the clip resampled to 12 kHz inside
   the model; input (batch, clip_samples).
+
+`precision` is a Keras dtype policy for the convolutional layers: "float32" (the default), or
+"mixed_bfloat16" / "mixed_float16" (16-bit arithmetic, float32 weights) for GPUs and CPUs with
+16-bit matrix units. The front end, the GRUs and the output layers stay float32 in every case.
 """
 import os
+import re
 
 import keras
 import tensorflow as tf
@@ -23,12 +28,15 @@ INPUT_RATE = 16000
 class FusedBatchNormalization(layers.BatchNormalization):
     """Keras's BatchNormalization over the channels of NHWC images, computed by TensorFlow's fused
     kernel (one op forward, one backward) instead of Keras 3's moments-and-arithmetic graph, which
-    costs the CRNN most of its CPU training time. Same variables, same update rule.
+    costs the CRNN most of its CPU training time. Same variables, same update rule; 16-bit inputs
+    are normalised in float32, as Keras does.
     """
 
     def call(self, inputs, training=None, mask=None):
         if len(inputs.shape) != 4 or self.axis not in (-1, 3) or mask is not None:
             return super().call(inputs, training=training, mask=mask)
+        if inputs.dtype != tf.float32:
+            return tf.cast(self.call(tf.cast(inputs, tf.float32), training=training), inputs.dtype)
         gamma = self.gamma if self.scale else tf.ones_like(self.moving_mean)
         beta = self.beta if self.center else tf.zeros_like(self.moving_mean)
         if training and self.trainable:
@@ -102,6 +110,26 @@ def onednn_cpu():
     return onednn and not tf.config.list_logical_devices("GPU")
 
 
+# The CPU flags of units that compute each 16-bit type natively (elsewhere TensorFlow converts in software).
+CPU_16BIT_FLAGS = {"mixed_bfloat16": ("avx512_bf16", "amx_bf16"), "mixed_float16": ("avx512_fp16", "amx_fp16")}
+
+
+def cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^flags\s*:\s*(.*)$", f.read(), re.M)
+    except OSError:
+        return set()
+    return set(m.group(1).split()) if m else set()
+
+
+def emulated_precision(precision):
+    """True when a mixed `precision` would run on a CPU (no GPU visible) without units for its 16-bit type."""
+    flags = CPU_16BIT_FLAGS.get(precision)
+    return bool(flags) and not tf.config.list_logical_devices("GPU") and not cpu_flags() & set(flags)
+
+
 def _conv2d_same_tap_gradient(x, kernel):
     """`tf.nn.conv2d(x, kernel, 1, "SAME")` whose kernel gradient is one matrix product per kernel tap,
     sum over (batch, height, width) of shifted inputs x output gradients; the input gradient is
@@ -132,15 +160,15 @@ def _conv2d_same_tap_gradient(x, kernel):
 @keras.saving.register_keras_serializable(package="tagger")
 class TapGradientConv2D(layers.Conv2D):
     """Keras's Conv2D (same variables, same values) whose kernel gradient, for a stride-1 "same"
-    convolution of a many-channel input computed by oneDNN on a CPU, is matrix products per kernel tap
-    (`_conv2d_same_tap_gradient`); everywhere else (a GPU, TensorFlow's own CPU kernels, where these
-    products are slower) it is Conv2D's own.
+    float32 convolution of a many-channel input computed by oneDNN on a CPU, is matrix products per
+    kernel tap (`_conv2d_same_tap_gradient`); everywhere else (a GPU, TensorFlow's own CPU kernels,
+    where these products are slower, 16-bit precision) it is Conv2D's own.
     """
 
     def convolution_op(self, inputs, kernel):
         if (self.strides == (1, 1) and self.dilation_rate == (1, 1) and self.padding == "same"
                 and self.groups == 1 and self.data_format == "channels_last" and inputs.shape[-1] >= 8
-                and onednn_cpu()):
+                and inputs.dtype == tf.float32 and onednn_cpu()):
             return _conv2d_same_tap_gradient(inputs, kernel)
         return super().convolution_op(inputs, kernel)
 
@@ -153,7 +181,7 @@ def cnn_frames(sub_clip_samples, length, stride, sample_rate=INPUT_RATE, input_r
 
 
 def build_cnn(num_tags, sub_clip_samples, length=256, stride=256, num_sub_clips=10, filters=32,
-              dense_units=100, sample_rate=INPUT_RATE, input_rate=INPUT_RATE, name="cnn"):
+              dense_units=100, sample_rate=INPUT_RATE, input_rate=INPUT_RATE, precision="float32", name="cnn"):
     """Raw-audio CNN: Conv1D(filters, length, stride) -> [Conv1D(filters, 8, same) -> MaxPool(4)] x 2
     -> Dense(dense_units) -> Dense(num_tags, sigmoid), ReLU after the convolutions and the first dense
     layer, applied to each sub-clip; the sub-clip probabilities are averaged.
@@ -166,50 +194,53 @@ def build_cnn(num_tags, sub_clip_samples, length=256, stride=256, num_sub_clips=
         raise ValueError(f"sub-clips of {sub_clip_samples} samples are too short for length {length} / "
                          f"stride {stride}: the two poolings leave no time step")
     waves = keras.Input((num_sub_clips, sub_clip_samples), name="waveform")
-    x = Resample(input_rate, sample_rate, name="resample")(waves) if sample_rate != input_rate else waves
-    x = StridedConv1D(filters, length, stride, activation="relu", name="strided_conv")(x)
+    x = (Resample(input_rate, sample_rate, name="resample", dtype="float32")(waves) if sample_rate != input_rate
+         else waves)
+    x = StridedConv1D(filters, length, stride, activation="relu", name="strided_conv", dtype=precision)(x)
     for i in (1, 2):
-        x = layers.Conv2D(filters, (1, 8), padding="same", activation="relu", name=f"conv{i}")(x)
-        x = layers.MaxPooling2D((1, 4), name=f"pool{i}")(x)
-    x = layers.Reshape((num_sub_clips, -1), name="flatten")(x)
-    x = layers.Dense(dense_units, activation="relu", name="dense")(x)
-    x = layers.Dense(num_tags, activation="sigmoid", name="sub_clip_probabilities")(x)
-    probs = layers.GlobalAveragePooling1D(name="probabilities")(x)
+        x = layers.Conv2D(filters, (1, 8), padding="same", activation="relu", name=f"conv{i}", dtype=precision)(x)
+        x = layers.MaxPooling2D((1, 4), name=f"pool{i}", dtype=precision)(x)
+    x = layers.Reshape((num_sub_clips, -1), name="flatten", dtype=precision)(x)
+    x = layers.Dense(dense_units, activation="relu", name="dense", dtype=precision)(x)
+    x = layers.Dense(num_tags, activation="sigmoid", name="sub_clip_probabilities", dtype="float32")(x)
+    probs = layers.GlobalAveragePooling1D(name="probabilities", dtype="float32")(x)
     return keras.Model(waves, probs, name=name)
 
 
 def build_crnn(num_tags, clip_samples, gru_units=32, filters=(64, 128, 128, 128),
                pools=((2, 2), (3, 3), (4, 4), (4, 4)), num_mel_bins=96, fft_length=512,
                sequence_stride=256, pad_frames=37, sample_rate=12000, input_rate=INPUT_RATE,
-               bn_momentum=0.99, name="crnn"):
+               bn_momentum=0.99, precision="float32", name="crnn"):
     """CRNN: Resample -> LogMelSpectrogram -> `pad_frames` zero frames at each end of time (Choi et
     al.'s ZeroPadding2D) -> four [Conv2D 3x3 -> BatchNorm -> ELU -> MaxPool] blocks -> two GRU
     layers over time, each followed by an ELU layer -> Dense(num_tags, sigmoid).
 
-    The GRUs keep their default tanh/sigmoid so that cuDNN serves them on a GPU.
+    The GRUs keep their default tanh/sigmoid so that cuDNN serves them on a GPU, and float32 under a
+    mixed `precision` (cuDNN has no bfloat16 GRU; they are a small part of the work).
     """
+    f32 = dict(dtype="float32")
     waves = keras.Input((clip_samples,), name="waveform")
-    x = Resample(input_rate, sample_rate, name="resample")(waves) if sample_rate != input_rate else waves
-    x = LogMelSpectrogram(sample_rate, fft_length, sequence_stride, num_mel_bins, name="log_mel")(x)
-    x = layers.Reshape((num_mel_bins, -1, 1), name="add_channel")(x)
-    x = layers.ZeroPadding2D(((0, 0), (pad_frames, pad_frames)), name="pad_time")(x)
+    x = Resample(input_rate, sample_rate, name="resample", **f32)(waves) if sample_rate != input_rate else waves
+    x = LogMelSpectrogram(sample_rate, fft_length, sequence_stride, num_mel_bins, name="log_mel", **f32)(x)
+    x = layers.Reshape((num_mel_bins, -1, 1), name="add_channel", **f32)(x)
+    x = layers.ZeroPadding2D(((0, 0), (pad_frames, pad_frames)), name="pad_time", **f32)(x)
     for i, (f, pool) in enumerate(zip(filters, pools), 1):
-        x = TapGradientConv2D(f, 3, padding="same", name=f"conv{i}")(x)
-        x = FusedBatchNormalization(momentum=bn_momentum, name=f"bn{i}")(x)
+        x = TapGradientConv2D(f, 3, padding="same", name=f"conv{i}", dtype=precision)(x)
+        x = FusedBatchNormalization(momentum=bn_momentum, name=f"bn{i}", dtype=precision)(x)
         # ELU then max pooling, computed in the other order: ELU is strictly increasing, so it
         # commutes with max (same values, same argmax, same gradients) and runs on a tensor 4 to 16
         # times smaller.
-        x = layers.MaxPooling2D(pool, name=f"pool{i}")(x)
-        x = layers.ELU(name=f"elu{i}")(x)
+        x = layers.MaxPooling2D(pool, name=f"pool{i}", dtype=precision)(x)
+        x = layers.ELU(name=f"elu{i}", dtype=precision)(x)
     if x.shape[1] != 1 or not x.shape[2]:
         raise ValueError(f"{num_mel_bins} mel bins / {clip_samples} samples do not pool down to one "
                          f"frequency row and at least one time step (got {x.shape[1]} x {x.shape[2]})")
-    x = layers.Reshape((x.shape[2], filters[-1]), name="to_sequence")(x)
-    x = layers.GRU(gru_units, return_sequences=True, name="gru1")(x)
-    x = layers.ELU(name="gru1_elu")(x)
-    x = layers.GRU(gru_units, name="gru2")(x)
-    x = layers.ELU(name="gru2_elu")(x)
-    probs = layers.Dense(num_tags, activation="sigmoid", name="probabilities")(x)
+    x = layers.Reshape((x.shape[2], filters[-1]), name="to_sequence", **f32)(x)
+    x = layers.GRU(gru_units, return_sequences=True, name="gru1", **f32)(x)
+    x = layers.ELU(name="gru1_elu", **f32)(x)
+    x = layers.GRU(gru_units, name="gru2", **f32)(x)
+    x = layers.ELU(name="gru2_elu", **f32)(x)
+    probs = layers.Dense(num_tags, activation="sigmoid", name="probabilities", **f32)(x)
     return keras.Model(waves, probs, name=name)
 
 

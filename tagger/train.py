@@ -36,6 +36,9 @@ DEMO = {
     "cnn": dict(optimizer="adam", lr=1e-3, epochs=40),
     "crnn": dict(lr=2e-3, bn_momentum=0.9, epochs=4),
 }
+# Keras dtype policies for the convolutional layers (models.py): float32, or 16-bit arithmetic with
+# float32 weights for GPUs and CPUs with 16-bit matrix units; short names for run names.
+PRECISIONS = {"float32": "", "mixed_bfloat16": "bf16", "mixed_float16": "fp16"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class Config:
     strategy: str = "default"   # or "mirrored": tf.distribute.MirroredStrategy over --devices
     devices: int = 0            # mirrored: how many GPUs (0: all), or CPU logical devices without a GPU
     scale_lr: bool = False      # mirrored: multiply lr by the number of replicas
+    precision: str = "float32"  # or mixed_bfloat16 / mixed_float16 (PRECISIONS)
     run_name: str = ""
     runs_dir: str = "runs"
     models_dir: str = "saved_models"
@@ -68,11 +72,12 @@ class Config:
         shape = f"-l{self.length}s{self.stride}" if self.arch == "cnn" else f"-gru{self.gru_units}"
         width = f"-w{self.width:g}" if self.width != 1 else ""
         best = "-best" if self.restore_best else ""
+        precision = f"-{PRECISIONS[self.precision]}" if PRECISIONS[self.precision] else ""
         mirrored = (f"-mirrored{self.devices or ''}" + ("-scaledlr" if self.scale_lr else "")
                     if self.strategy == "mirrored" else "")
         return (f"{self.arch}{shape}{width}-{data}-{self.optimizer}-lr{self.lr:g}"
                 + (f"-m{self.momentum:g}" if self.optimizer == "sgd" else "")
-                + f"-b{self.batch_size}-e{self.epochs}-s{self.seed}{best}{mirrored}")
+                + f"-b{self.batch_size}-e{self.epochs}-s{self.seed}{precision}{best}{mirrored}")
 
 
 def build_parser(prog=PROG):
@@ -96,6 +101,9 @@ def build_parser(prog=PROG):
                    "with no GPU, split the CPU into this many devices (for testing)")
     p.add_argument("--scale-lr", action="store_true", help="mirrored: multiply --lr by the number of replicas "
                    "(the global batch is --batch-size x replicas)")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), help="mixed_bfloat16 / mixed_float16: 16-bit "
+                   "convolutions and dense layers with float32 weights, for GPUs (and CPUs with AVX-512 BF16 "
+                   "or AMX); the front end, GRUs and outputs stay float32 (default: float32)")
     p.add_argument("--run-name", help="name under runs/ and saved_models/ (default: from the settings)")
     p.add_argument("--restore-best", action="store_true", help="export the best val_auc epoch, not the last")
     p.add_argument("--shuffle-buffer", type=positive_int, help="records in the shuffle buffer (default 512)")
@@ -161,21 +169,29 @@ def build_model(config, manifest):
                              "smaller --length/--stride or longer clips")
         return models.build_cnn(num_tags, sub, config.length, config.stride,
                                 filters=max(1, round(32 * config.width)),
-                                dense_units=max(1, round(100 * config.width)))
+                                dense_units=max(1, round(100 * config.width)), precision=config.precision)
     filters = tuple(max(1, round(f * config.width)) for f in (64, 128, 128, 128))
     try:
         return models.build_crnn(num_tags, clip, gru_units=config.gru_units, filters=filters,
-                                 bn_momentum=config.bn_momentum)
+                                 bn_momentum=config.bn_momentum, precision=config.precision)
     except ValueError as e:
         raise UsageError(f"the CRNN does not fit clips of {clip} samples: {e}") from None
 
 
 def compile_model(model, config, replicas=1):
     import keras
+
+    def make(cls, *args, **kwargs):
+        return (_replica_mean(cls, replicas) if replicas > 1 else cls)(*args, **kwargs)
+
     cls = keras.optimizers.SGD if config.optimizer == "sgd" else keras.optimizers.Adam
-    if replicas > 1:
-        cls = _replica_mean(cls, replicas)
-    optimizer = cls(config.lr, momentum=config.momentum) if config.optimizer == "sgd" else cls(config.lr)
+    kwargs = {"momentum": config.momentum} if config.optimizer == "sgd" else {}
+    if config.precision == "mixed_float16":
+        # float16 gradients underflow without loss scaling; Keras adds it only for a model built under a
+        # global mixed_float16 policy, and ours sets the policy per layer.
+        optimizer = make(keras.optimizers.LossScaleOptimizer, cls(config.lr, **kwargs))
+    else:
+        optimizer = make(cls, config.lr, **kwargs)
     model.compile(optimizer=optimizer, loss="binary_crossentropy",
                   metrics=[keras.metrics.AUC(multi_label=True, curve="ROC", name="auc"),
                            keras.metrics.AUC(multi_label=True, curve="PR", name="pr_auc")])
@@ -284,9 +300,13 @@ def run(config):
     import keras
     import tensorflow as tf
 
-    from tagger import callbacks, data, evaluate, export
+    from tagger import callbacks, data, evaluate, export, models
 
     strategy = make_strategy(config)      # before anything starts TensorFlow's runtime
+    if models.emulated_precision(config.precision):
+        print(f"Note: this CPU has no units for --precision {config.precision} "
+              f"({' or '.join(models.CPU_16BIT_FLAGS[config.precision])}), so TensorFlow converts in software: "
+              "expect it slower than float32. It pays on GPUs.", file=sys.stderr)
     replicas = strategy.num_replicas_in_sync if strategy else 1
     global_batch = config.batch_size * replicas
     lr = config.lr * replicas if config.scale_lr else config.lr

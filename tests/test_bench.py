@@ -28,12 +28,15 @@ def test_table_reports_ratios_and_missing_values():
     assert "Test CPU, 2 cores; TensorFlow 2.16.2 with oneDNN" in text
     assert "| librosa (resample_poly + melspectrogram + dB) | n/a |" in text
     assert "1.50 x PyTorch (200.00 clips/s)" in text and "1.25 x PyTorch" in text and "200 x CRNN training" in text
+    assert "precision" not in text
+    assert "training and predict in mixed_bfloat16 (the peer in float32)" in table({**r, "precision": "mixed_bfloat16"})
 
 
 @pytest.mark.parametrize("args, message", [
     (["--peer", "/no/such/python"], "not an executable"),
     (["--rounds", "0"], "at least 1"),
     (["--json", "/no/such/dir/out.json"], "folder does not exist"),
+    (["--precision", "float64"], "invalid choice"),
 ])
 def test_usage_errors(args, message):
     r = run_cli("tagger.bench", *args)

@@ -158,6 +158,46 @@ def test_strided_conv1d_equals_conv1d(length, stride):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5 * float(tf.reduce_max(tf.abs(b))))
 
 
+SIXTEEN_BIT = {"cnn": {"strided_conv", "conv1", "pool1", "conv2", "pool2", "flatten", "dense"},
+               "crnn": {f"{kind}{i}" for kind in ("conv", "bn", "pool", "elu") for i in range(1, 5)}}
+
+
+@pytest.mark.parametrize("arch", ["cnn", "crnn"])
+@pytest.mark.parametrize("precision, atol", [("mixed_bfloat16", 1e-2), ("mixed_float16", 1e-3)])
+def test_mixed_precision_computes_the_convolutions_in_16_bits_only(arch, precision, atol):
+    """Under a mixed precision the convolutional part computes in 16 bits with float32 weights; the front
+    end, the GRUs and the outputs stay float32; the float32 model's weights give its probabilities
+    within 16-bit rounding; every weight gets a finite gradient; the CRNN leaves the float32-only
+    tap-gradient path."""
+    rng = np.random.default_rng(4)
+    if arch == "cnn":
+        def build(p):
+            return build_cnn(5, 6400, filters=8, dense_units=16, precision=p)
+        x = rng.uniform(-1, 1, (3, 10, 6400)).astype(np.float32)
+    else:
+        def build(p):
+            return build_crnn(5, 48000, gru_units=8, filters=(8, 8, 8, 8), precision=p)
+        x = rng.uniform(-1, 1, (3, 48000)).astype(np.float32)
+    reference, model = build("float32"), build(precision)
+    model.set_weights([w + 0.01 for w in reference.get_weights()])
+    reference.set_weights(model.get_weights())
+    half = precision.removeprefix("mixed_")
+    assert {layer.name for layer in model.layers if layer.compute_dtype == half} == SIXTEEN_BIT[arch]
+    assert {layer.compute_dtype for layer in model.layers} == {"float32", half}
+    assert {w.dtype for w in model.weights} == {"float32"}
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        probs = model(x, training=True)
+        loss = tf.reduce_mean(keras.losses.binary_crossentropy(tf.ones_like(probs), probs))
+    grads = tape.gradient(loss, model.trainable_weights)
+    assert probs.dtype == tf.float32
+    np.testing.assert_allclose(probs.numpy(), reference(x, training=True).numpy(), atol=atol)
+    assert all(g is not None and np.isfinite(g.numpy()).all() for g in grads)
+    if arch == "crnn":
+        graph = tf.function(model).get_concrete_function(tf.TensorSpec(x.shape)).graph
+        assert not [op for op in graph.get_operations() if op.type == "IdentityN"]
+
+
 def test_crnn_gru_units_flag():
     model = build_crnn(50, MTAT_CLIP, gru_units=15)
     gru = 3 * (128 * 15 + 15 * 15 + 2 * 15) + 3 * (15 * 15 + 15 * 15 + 2 * 15)

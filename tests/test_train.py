@@ -169,6 +169,7 @@ def test_nan_loss_stops_with_status_1(tiny_records, tmp_path):
     (["--epochs", "0"], "must be at least 1"),
     (["--momentum", "1.5"], "momentum"),
     (["--length", "512"], "together"),
+    (["--precision", "float64"], "invalid choice"),
 ])
 def test_train_usage_errors_are_one_line_exit_2(args, message):
     r = run_cli("tagger.train", *args)
@@ -283,6 +284,51 @@ def test_mirrored_strategy_on_two_cpu_devices_trains_and_exports(tiny_records, t
     assert e.returncode == 0, e.stderr[-3000:]
     again = json.loads((tmp_path / "eval" / "metrics.json").read_text())["test"]
     assert again["roc_auc"] == pytest.approx(metrics["test"]["roc_auc"], abs=1e-4)
+
+
+def test_mixed_precision_run_exports_a_float32_savedmodel(tiny_records, tmp_path):
+    """--precision mixed_bfloat16 end to end: recorded in config.json, told when this CPU has no bf16
+    units, exported with float32 in and out, and served in a fresh TensorFlow-only process as Keras
+    computes it."""
+    import keras
+
+    from tagger.models import emulated_precision
+    r = _train(tmp_path, tiny_records, "--arch", "crnn", "--epochs", "1", "--lr", "1e-3",
+               "--precision", "mixed_bfloat16", name="bf16")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("no units for --precision mixed_bfloat16" in r.stderr) == emulated_precision("mixed_bfloat16")
+    export = tmp_path / "models" / "bf16"
+    assert json.loads((export / "config.json").read_text())["config"]["precision"] == "mixed_bfloat16"
+    x = np.random.default_rng(1).uniform(-1, 1, (3, TINY_SAMPLES)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "fresh.py").write_text(FRESH)
+    f = subprocess.run([sys.executable, str(tmp_path / "fresh.py"), str(export), str(tmp_path / "x.npy"),
+                        str(tmp_path / "y.npy"), str(tmp_path / "info.json")], capture_output=True, text=True,
+                       cwd=str(tmp_path), env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert f.returncode == 0, f.stderr[-3000:]
+    served = np.load(tmp_path / "y.npy")
+    assert served.dtype == np.float32 and json.loads((tmp_path / "info.json").read_text())["modules"] == []
+    model = keras.saving.load_model(str(export / "model.keras"))
+    assert model.get_layer("conv2").compute_dtype == "bfloat16"
+    np.testing.assert_allclose(served, model(x, training=False).numpy(), atol=1e-5)
+
+
+def test_float16_training_scales_its_loss_also_across_replicas():
+    """mixed_float16 needs loss scaling (float16 gradients underflow); under MirroredStrategy the scaled
+    loss is also divided by the replicas (_replica_mean)."""
+    import keras
+
+    from tagger import train
+    from tagger.models import build_cnn
+    config = train.config_from_args(["--arch", "cnn", "--precision", "mixed_float16", "--data", "x"])
+    assert config.run_name.endswith("-fp16")
+    one = train.compile_model(build_cnn(5, 6400, filters=4, precision=config.precision), config).optimizer
+    two = train.compile_model(build_cnn(5, 6400, filters=4, precision=config.precision), config, replicas=2).optimizer
+    assert isinstance(one, keras.optimizers.LossScaleOptimizer) and isinstance(two, keras.optimizers.LossScaleOptimizer)
+    assert float(one.scale_loss(1.0)) > 1 and float(two.scale_loss(1.0)) == float(one.scale_loss(1.0)) / 2
+    plain = train.config_from_args(["--arch", "cnn", "--data", "x"])
+    assert not isinstance(train.compile_model(build_cnn(5, 6400, filters=4), plain).optimizer,
+                          keras.optimizers.LossScaleOptimizer)
 
 
 def test_devices_without_mirrored_is_a_usage_error():

@@ -157,11 +157,20 @@ def test_distributed_chief_and_two_workers_on_localhost(tiny_records, tmp_path):
     (["--arch", "crnn", "--momentum", "0.9"], "are for the CNN"),
     (["--arch", "cnn", "--length", "512"], "together"),
     (["--arch", "cnn", "--epochs", "0"], "at least 1"),
+    (["--arch", "cnn", "--precision", "half"], "invalid choice"),
     (["--arch", "cnn", "--data", "/no/such/records"], "no manifest.json"),
 ])
 def test_usage_errors(args, message):
     r = _search(*args)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_precision_reaches_the_trials_and_names_the_folder():
+    from tuning.search import default_out, parse_args, search_config
+    config, _ = search_config(parse_args(["--arch", "crnn", "--precision", "mixed_bfloat16"]))
+    assert config.precision == "mixed_bfloat16" and default_out(config).endswith("-bf16")
+    config, _ = search_config(parse_args(["--arch", "crnn"]))
+    assert config.precision == "float32" and not default_out(config).endswith("-bf16")
 
 
 def test_a_length_stride_that_does_not_fit_the_clips(tiny_records):

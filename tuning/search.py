@@ -20,6 +20,7 @@ import sys
 from tagger import files
 from tagger.cli import (EXIT_OK, ArgumentParser, UsageError, main_guard, positive_int,
                         quiet_tensorflow)
+from tagger.train import PRECISIONS
 
 PROG = "python -m tuning.search"
 STUDY_GRID = {"momentum": (0.99, 0.97, 0.95, 0.9, 0.0), "lr": (0.001, 0.002, 0.005, 0.01, 0.02)}
@@ -57,6 +58,7 @@ def parse_args(argv):
     p.add_argument("--stride", type=positive_int, help="CNN: its stride (default 256)")
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--width", type=float, help="multiply channel counts (tests, quick checks)")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), help="as tagger.train's (default: float32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="search folder (default: runs/search-<arch>-<data>-...)")
     p.add_argument("--runs-dir", default="runs")
@@ -77,7 +79,7 @@ def search_config(args):
     values = {**train.STUDY[args.arch], **(train.DEMO[args.arch] if demo else {})}
     values.update(optimizer="sgd" if args.arch == "cnn" else "adam",
                   epochs=args.epochs or (DEMO_EPOCHS[args.arch] if demo else values["epochs"]))
-    for key in ("batch_size", "width", "length", "stride"):
+    for key in ("batch_size", "width", "length", "stride", "precision"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     config = train.Config(arch=args.arch, data=args.data or train.DEMO_DATA, demo=demo, seed=args.seed,
@@ -93,8 +95,9 @@ def default_out(config):
     data = os.path.basename(config.data.rstrip("/"))
     width = f"-w{config.width:g}" if config.width != 1 else ""
     shape = f"-l{config.length}s{config.stride}" if config.arch == "cnn" else ""
+    precision = f"-{PRECISIONS[config.precision]}" if PRECISIONS[config.precision] else ""
     return (f"{config.runs_dir}/search-{config.arch}{shape}{width}-{data}-{config.optimizer}-b{config.batch_size}"
-            f"-e{config.epochs}-s{config.seed}")
+            f"-e{config.epochs}-s{config.seed}{precision}")
 
 
 def check_search_folder(out, settings):
