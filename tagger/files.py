@@ -105,9 +105,10 @@ def figure_png(fig):
     return buf.getvalue()
 
 
-def recorded_settings_differ(path, settings):
+def recorded_settings_differ(path, settings, defaults=None):
     """Compare `settings` with those recorded in the JSON file `path`: the keys whose values differ.
-    When there is no record yet, write one (atomically) and return []."""
+    When there is no record yet, write one (atomically) and return []. `defaults` maps a key whose
+    value is a dict to the values of the fields a record may lack (written by an older version)."""
     import json
 
     import tensorflow as tf
@@ -116,4 +117,7 @@ def recorded_settings_differ(path, settings):
         return []
     with tf.io.gfile.GFile(path) as f:
         before = json.load(f)
+    for key, fields in (defaults or {}).items():
+        if isinstance(before.get(key), dict):
+            before[key] = {**fields, **before[key]}
     return [k for k in settings if before.get(k) != settings[k]]

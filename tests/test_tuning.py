@@ -1,6 +1,7 @@
 """KerasTuner searches on tiny data: Table I's shape and best cell, HParams logging, resuming after
 SIGKILL, the CRNN's learning-rate curves, and KerasTuner's distributed mode on localhost."""
 import csv
+import dataclasses
 import glob
 import json
 import os
@@ -13,6 +14,7 @@ import time
 import pytest
 
 from conftest import ROOT, run_cli
+from tagger.cli import UsageError
 
 TINY = ["--width", "0.25", "--batch-size", "4"]
 
@@ -177,6 +179,19 @@ def test_a_length_stride_that_does_not_fit_the_clips(tiny_records):
     r = _search("--arch", "cnn", "--data", tiny_records, "--length", "4096", "--stride", "4096", *TINY)
     assert r.returncode == 2 and "does not fit" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_a_search_recorded_before_a_setting_existed_resumes(tmp_path):
+    """search.json written before --precision existed lacks it: it was float32, so the same flags resume."""
+    from tuning.search import check_search_folder, parse_args, search_config
+    config, grid = search_config(parse_args(["--arch", "crnn"]))
+    settings = {"config": dataclasses.asdict(config), "grid": {k: list(v) for k, v in grid.items()}}
+    older = {**settings, "config": {k: v for k, v in settings["config"].items() if k != "precision"}}
+    (tmp_path / "search.json").write_text(json.dumps(older))
+    check_search_folder(str(tmp_path), settings)
+    bf16 = {**settings, "config": {**settings["config"], "precision": "mixed_bfloat16"}}
+    with pytest.raises(UsageError, match=r"other settings \(config differ\)"):
+        check_search_folder(str(tmp_path), bf16)
 
 
 def test_another_search_in_the_same_folder_is_refused(tiny_records, tmp_path):

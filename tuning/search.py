@@ -101,9 +101,13 @@ def default_out(config):
 
 
 def check_search_folder(out, settings):
-    """The same search resumes; a folder holding another search is refused."""
+    """The same search resumes (also one recorded before a training setting existed: it had the
+    default); a folder holding another search is refused."""
+    from tagger import train
     files.makedirs(out)
-    diff = files.recorded_settings_differ(f"{out}/search.json", settings)
+    defaults = {"config": {f.name: f.default for f in dataclasses.fields(train.Config)
+                           if f.default is not dataclasses.MISSING}}
+    diff = files.recorded_settings_differ(f"{out}/search.json", settings, defaults)
     if diff:
         raise UsageError(f"{out} holds a search with other settings ({', '.join(diff)} differ): pass "
                          "another --out, or the flags of that search to resume it")
