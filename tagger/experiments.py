@@ -67,11 +67,10 @@ def finished_metrics(config):
 
     from tagger import train
     folder = f"{config.models_dir}/{config.run_name}"
-    if not (tf.io.gfile.exists(f"{folder}/metrics.json") and tf.io.gfile.exists(f"{folder}/config.json")):
+    if not tf.io.gfile.exists(f"{folder}/metrics.json"):
         return None
-    with tf.io.gfile.GFile(f"{folder}/config.json") as f:
-        before = json.load(f).get("config", {})
-    if train.settings_differ(before, config):
+    before = train.recorded_config(folder)
+    if before is None or train.settings_differ(before, config):
         return None
     with tf.io.gfile.GFile(f"{folder}/metrics.json") as f:
         return json.load(f)

@@ -233,17 +233,23 @@ def settings_differ(before, config):
             if k not in ("runs_dir", "models_dir") and before.get(k, defaults[k]) != v]
 
 
+def recorded_config(folder):
+    """The "config" of the config.json in a run or export folder; None where there is none."""
+    import tensorflow as tf
+    path = f"{folder}/config.json"
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f).get("config", {})
+
+
 def check_run_folder(run_dir, config):
     """A run folder with another configuration is refused; the same one is resumed."""
-    import tensorflow as tf
-    path = f"{run_dir}/config.json"
-    if tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path) as f:
-            before = json.load(f).get("config", {})
-        diff = settings_differ(before, config)
-        if diff:
-            raise UsageError(f"{run_dir} holds a run with other settings ({', '.join(diff)} differ): choose "
-                             "another --run-name")
+    before = recorded_config(run_dir)
+    diff = settings_differ(before, config) if before is not None else []
+    if diff:
+        raise UsageError(f"{run_dir} holds a run with other settings ({', '.join(diff)} differ): choose "
+                         "another --run-name")
 
 
 def make_strategy(config):
@@ -317,7 +323,8 @@ def run(config):
     run_dir = f"{config.runs_dir}/{config.run_name}"
     check_run_folder(run_dir, config)
     keras.utils.set_random_seed(config.seed)
-    with strategy.scope() if strategy else contextlib.nullcontext():
+    scope = strategy.scope if strategy else contextlib.nullcontext
+    with scope():
         model = compile_model(build_model(config, manifest), dataclasses.replace(config, lr=lr), replicas)
     info = {"config": dataclasses.asdict(config), "data_split": manifest["split"], "seed": config.seed,
             "replicas": replicas, "global_batch_size": global_batch, "learning_rate": lr,
@@ -336,7 +343,7 @@ def run(config):
     state = callbacks.read_state(ckpt_dir)
     initial_epoch = 0
     if state:
-        with strategy.scope() if strategy else contextlib.nullcontext():
+        with scope():
             model.optimizer.build(model.trainable_variables)
             callbacks.load_weights(model, f"{ckpt_dir}/{state['weights']}")
         initial_epoch = state["epoch"]

@@ -335,6 +335,23 @@ def test_float16_training_scales_its_loss_also_across_replicas():
                           keras.optimizers.LossScaleOptimizer)
 
 
+def test_a_run_folder_resumes_only_with_its_own_settings(tmp_path):
+    """A config.json written before --precision existed resumes (it was float32); another --lr or
+    --precision is refused with the fields that differ; the output folders do not count."""
+    import dataclasses
+
+    from tagger import train
+    from tagger.cli import UsageError
+    config = train.config_from_args(["--arch", "crnn", "--data", "x"])
+    older = {k: v for k, v in dataclasses.asdict(config).items() if k != "precision"}
+    (tmp_path / "config.json").write_text(json.dumps({"config": older}))
+    train.check_run_folder(str(tmp_path), dataclasses.replace(config, runs_dir="elsewhere"))
+    for changed, field in ((dict(lr=0.5), "lr"), (dict(precision="mixed_bfloat16"), "precision")):
+        with pytest.raises(UsageError, match=f"other settings \\({field} differ\\)"):
+            train.check_run_folder(str(tmp_path), dataclasses.replace(config, **changed))
+    train.check_run_folder(str(tmp_path / "new"), config)      # no config.json yet: a new run
+
+
 def test_devices_without_mirrored_is_a_usage_error():
     r = run_cli("tagger.train", "--devices", "2")
     assert r.returncode == 2 and "--strategy mirrored" in r.stderr and len(r.stderr.strip().splitlines()) == 1
