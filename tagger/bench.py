@@ -246,7 +246,8 @@ def forward_flops(model):
 def run_stage(name, quick, precision):
     quiet_tensorflow()
     fn = {"pipeline": stage_pipeline, "frontend": stage_frontend, "librosa": stage_librosa,
-          "cnn_train": lambda q: stage_train("cnn", q, precision), "crnn_train": lambda q: stage_train("crnn", q, precision),
+          "cnn_train": lambda q: stage_train("cnn", q, precision),
+          "crnn_train": lambda q: stage_train("crnn", q, precision),
           "predict": lambda q: stage_predict(q, precision), "matmul": stage_matmul}[name]
     result = fn(quick)
     result[f"{name}_peak_rss_mb"] = peak_rss_mb()
@@ -270,7 +271,8 @@ def _subprocess(cmd, label, cwd=None):
 
 
 def our_stage(name, quick, precision):
-    cmd = [sys.executable, "-m", "tagger.bench", "--stage", name, "--precision", precision] + (["--quick"] if quick else [])
+    cmd = [sys.executable, "-m", "tagger.bench", "--stage", name, "--precision", precision]
+    cmd += ["--quick"] if quick else []
     out = _subprocess(cmd, name, cwd=ROOT)
     line = [ln for ln in out.splitlines() if ln.startswith("BENCH ")][-1]
     return json.loads(line[len("BENCH "):])

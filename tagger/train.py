@@ -37,8 +37,8 @@ DEMO = {
     "crnn": dict(lr=2e-3, bn_momentum=0.9, epochs=4),
 }
 # Keras dtype policies for the convolutional layers (models.py): float32, or 16-bit arithmetic with
-# float32 weights for GPUs and CPUs with 16-bit matrix units; short names for run names.
-PRECISIONS = {"float32": "", "mixed_bfloat16": "bf16", "mixed_float16": "fp16"}
+# float32 weights for GPUs and CPUs with 16-bit matrix units; what each adds to a run's name.
+PRECISIONS = {"float32": "", "mixed_bfloat16": "-bf16", "mixed_float16": "-fp16"}
 
 
 @dataclass(frozen=True)
@@ -72,12 +72,11 @@ class Config:
         shape = f"-l{self.length}s{self.stride}" if self.arch == "cnn" else f"-gru{self.gru_units}"
         width = f"-w{self.width:g}" if self.width != 1 else ""
         best = "-best" if self.restore_best else ""
-        precision = f"-{PRECISIONS[self.precision]}" if PRECISIONS[self.precision] else ""
         mirrored = (f"-mirrored{self.devices or ''}" + ("-scaledlr" if self.scale_lr else "")
                     if self.strategy == "mirrored" else "")
         return (f"{self.arch}{shape}{width}-{data}-{self.optimizer}-lr{self.lr:g}"
                 + (f"-m{self.momentum:g}" if self.optimizer == "sgd" else "")
-                + f"-b{self.batch_size}-e{self.epochs}-s{self.seed}{precision}{best}{mirrored}")
+                + f"-b{self.batch_size}-e{self.epochs}-s{self.seed}{PRECISIONS[self.precision]}{best}{mirrored}")
 
 
 def build_parser(prog=PROG):

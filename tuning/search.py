@@ -17,10 +17,9 @@ import math
 import os
 import sys
 
-from tagger import files
+from tagger import files, train
 from tagger.cli import (EXIT_OK, ArgumentParser, UsageError, main_guard, positive_int,
                         quiet_tensorflow)
-from tagger.train import PRECISIONS
 
 PROG = "python -m tuning.search"
 STUDY_GRID = {"momentum": (0.99, 0.97, 0.95, 0.9, 0.0), "lr": (0.001, 0.002, 0.005, 0.01, 0.02)}
@@ -58,7 +57,7 @@ def parse_args(argv):
     p.add_argument("--stride", type=positive_int, help="CNN: its stride (default 256)")
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--width", type=float, help="multiply channel counts (tests, quick checks)")
-    p.add_argument("--precision", choices=tuple(PRECISIONS), help="as tagger.train's (default: float32)")
+    p.add_argument("--precision", choices=tuple(train.PRECISIONS), help="as tagger.train's (default: float32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="search folder (default: runs/search-<arch>-<data>-...)")
     p.add_argument("--runs-dir", default="runs")
@@ -74,7 +73,6 @@ def parse_args(argv):
 
 def search_config(args):
     """The base training Config of every trial (the grid replaces lr and momentum) and the grid."""
-    from tagger import train
     demo = args.data is None
     values = {**train.STUDY[args.arch], **(train.DEMO[args.arch] if demo else {})}
     values.update(optimizer="sgd" if args.arch == "cnn" else "adam",
@@ -95,15 +93,13 @@ def default_out(config):
     data = os.path.basename(config.data.rstrip("/"))
     width = f"-w{config.width:g}" if config.width != 1 else ""
     shape = f"-l{config.length}s{config.stride}" if config.arch == "cnn" else ""
-    precision = f"-{PRECISIONS[config.precision]}" if PRECISIONS[config.precision] else ""
     return (f"{config.runs_dir}/search-{config.arch}{shape}{width}-{data}-{config.optimizer}-b{config.batch_size}"
-            f"-e{config.epochs}-s{config.seed}{precision}")
+            f"-e{config.epochs}-s{config.seed}{train.PRECISIONS[config.precision]}")
 
 
 def check_search_folder(out, settings):
     """The same search resumes (also one recorded before a training setting existed: it had the
     default); a folder holding another search is refused."""
-    from tagger import train
     files.makedirs(out)
     defaults = {"config": {f.name: f.default for f in dataclasses.fields(train.Config)
                            if f.default is not dataclasses.MISSING}}
@@ -118,7 +114,6 @@ def make_tuner(config, grid, manifest, out):
     import keras
     import keras_tuner as kt
 
-    from tagger import train
     ResumableGridSearchOracle = _resumable_grid_oracle()
 
     class TaggerHyperModel(kt.HyperModel):
@@ -237,7 +232,6 @@ def write_curves(out, cells, grid):
 
 
 def run(args):
-    from tagger import train
     config, grid = search_config(args)
     train.check_data_folder(config)
     out = (args.out or default_out(config)).rstrip("/")
