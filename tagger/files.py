@@ -108,7 +108,8 @@ def figure_png(fig):
 def recorded_settings_differ(path, settings, defaults=None):
     """Compare `settings` with those recorded in the JSON file `path`: the keys whose values differ.
     When there is no record yet, write one (atomically) and return []. `defaults` maps a key whose
-    value is a dict to the values of the fields a record may lack (written by an older version)."""
+    value is a dict to the values of its fields that a record may lack (written by an older version);
+    only the fields `settings` has count."""
     import json
 
     import tensorflow as tf
@@ -118,6 +119,6 @@ def recorded_settings_differ(path, settings, defaults=None):
     with tf.io.gfile.GFile(path) as f:
         before = json.load(f)
     for key, fields in (defaults or {}).items():
-        if isinstance(before.get(key), dict):
-            before[key] = {**fields, **before[key]}
+        if isinstance(before.get(key), dict) and isinstance(settings.get(key), dict):
+            before[key] = {**{k: v for k, v in fields.items() if k in settings[key]}, **before[key]}
     return [k for k in settings if before.get(k) != settings[k]]

@@ -183,15 +183,16 @@ def test_a_length_stride_that_does_not_fit_the_clips(tiny_records):
 
 def test_a_search_recorded_before_a_setting_existed_resumes(tmp_path):
     """search.json written before --precision existed lacks it: it was float32, so the same flags resume."""
-    from tuning.search import check_search_folder, parse_args, search_config
+    from tuning.search import check_search_folder, parse_args, search_config, search_settings
     config, grid = search_config(parse_args(["--arch", "crnn"]))
-    settings = {"config": dataclasses.asdict(config), "grid": {k: list(v) for k, v in grid.items()}}
+    settings = search_settings(config, grid)
     older = {**settings, "config": {k: v for k, v in settings["config"].items() if k != "precision"}}
     (tmp_path / "search.json").write_text(json.dumps(older))
-    check_search_folder(str(tmp_path), settings)
-    bf16 = {**settings, "config": {**settings["config"], "precision": "mixed_bfloat16"}}
+    check_search_folder(str(tmp_path), config, grid)
     with pytest.raises(UsageError, match=r"other settings \(config differ\)"):
-        check_search_folder(str(tmp_path), bf16)
+        check_search_folder(str(tmp_path), dataclasses.replace(config, precision="mixed_bfloat16"), grid)
+    (tmp_path / "search.json").write_text(json.dumps(settings))     # the current record: resumes too
+    check_search_folder(str(tmp_path), config, grid)
 
 
 def test_another_search_in_the_same_folder_is_refused(tiny_records, tmp_path):

@@ -97,13 +97,19 @@ def default_out(config):
             f"-e{config.epochs}-s{config.seed}{train.PRECISIONS[config.precision]}")
 
 
-def check_search_folder(out, settings):
+def search_settings(config, grid):
+    """What search.json records of a search: the trials' training settings and the grid."""
+    return {"config": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("runs_dir", "models_dir")},
+            "grid": {k: list(v) for k, v in grid.items()}}
+
+
+def check_search_folder(out, config, grid):
     """The same search resumes (also one recorded before a training setting existed: it had the
     default); a folder holding another search is refused."""
     files.makedirs(out)
     defaults = {"config": {f.name: f.default for f in dataclasses.fields(train.Config)
                            if f.default is not dataclasses.MISSING}}
-    diff = files.recorded_settings_differ(f"{out}/search.json", settings, defaults)
+    diff = files.recorded_settings_differ(f"{out}/search.json", search_settings(config, grid), defaults)
     if diff:
         raise UsageError(f"{out} holds a search with other settings ({', '.join(diff)} differ): pass "
                          "another --out, or the flags of that search to resume it")
@@ -253,9 +259,7 @@ def run(args):
     from tagger import data
     manifest = data.load_manifest(config.data)
     train.build_model(config, manifest)    # a length/stride that does not fit the clips: one line now
-    settings = {"config": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("runs_dir", "models_dir")},
-                "grid": {k: list(v) for k, v in grid.items()}}
-    check_search_folder(out, settings)
+    check_search_folder(out, config, grid)
     tuner = make_tuner(config, grid, manifest, out)
     train_ds = data.dataset(config.data, "train", config.arch, config.batch_size, manifest,
                             shuffle_seed=config.seed, shuffle_buffer=config.shuffle_buffer)
