@@ -9,8 +9,9 @@ and stepped by model.fit (from tensors in memory, so the step alone is timed); t
 SavedModel's serving_default. Each stage runs in its own process after a warm-up, so its peak
 resident memory is its own. With --peer, ../shared/bench/peer_torch.py (the same two models in
 PyTorch) runs under that interpreter, alternating with our training stages, and the ratios are
-printed. --precision mixed_bfloat16 or mixed_float16 times the training and predict stages with
-tagger.train's --precision (the peer stays float32). Speed goals live here, never in the tests.
+printed. --precision mixed_bfloat16 or mixed_float16 times the training stages with tagger.train's
+--precision (the peer stays float32; exports are float32 either way). Speed goals live here, never in
+the tests.
 """
 import argparse
 import json
@@ -47,7 +48,7 @@ def parse_args(argv):
                    "default 2, 1 with --quick")
     p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1, help="threads for the peer")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="float32",
-                   help="tagger.train's --precision for the training and predict stages (default: float32)")
+                   help="tagger.train's --precision for the training stages (default: float32)")
     p.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)   # one stage, run by the driver
     args = p.parse_args(argv)
     if args.peer and not os.path.isfile(PEER):
@@ -185,12 +186,12 @@ def stage_train(arch, quick, precision):
             f"{arch}_forward_flops_per_clip": forward_flops(model)}
 
 
-def stage_predict(quick, precision):
+def stage_predict(quick):
     """The exported CRNN SavedModel's serving_default on batches of 16 clips."""
     import tensorflow as tf
 
     from tagger import export
-    model, _, x, _ = _model_and_batch("crnn", precision)
+    model, _, x, _ = _model_and_batch("crnn", "float32")    # tagger.train exports float32 always
     with tempfile.TemporaryDirectory(prefix="tagger-bench-") as tmp:
         out = export.export(model, "crnn", f"{tmp}/crnn", [f"t{i}" for i in range(NUM_TAGS)], CLIP_SAMPLES, {})
         serve = tf.saved_model.load(out).signatures["serving_default"]
@@ -248,7 +249,7 @@ def run_stage(name, quick, precision):
     fn = {"pipeline": stage_pipeline, "frontend": stage_frontend, "librosa": stage_librosa,
           "cnn_train": lambda q: stage_train("cnn", q, precision),
           "crnn_train": lambda q: stage_train("crnn", q, precision),
-          "predict": lambda q: stage_predict(q, precision), "matmul": stage_matmul}[name]
+          "predict": stage_predict, "matmul": stage_matmul}[name]
     result = fn(quick)
     result[f"{name}_peak_rss_mb"] = peak_rss_mb()
     print("BENCH " + json.dumps(result))
@@ -356,7 +357,7 @@ def table(r):
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores{', GPUs: ' + ', '.join(m['gpus']) if m['gpus'] else ''}; "
              f"TensorFlow {m['tensorflow']}{' with oneDNN' if m['onednn'] else ''}; "
              f"matmul {r['matmul_gflops']:.0f} GFLOP/s (float32)"
-             + (f"; training and predict in {r['precision']} (the peer in float32)"
+             + (f"; training in {r['precision']} (the peer in float32)"
                 if r.get("precision", "float32") != "float32" else ""), "",
              "| stage | clips/s | peak RSS (MB) | note |", "|---|---:|---:|---|"]
 

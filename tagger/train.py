@@ -102,7 +102,8 @@ def build_parser(prog=PROG):
                    "(the global batch is --batch-size x replicas)")
     p.add_argument("--precision", choices=tuple(PRECISIONS), help="mixed_bfloat16 / mixed_float16: 16-bit "
                    "convolutions and dense layers with float32 weights, for GPUs (and CPUs with AVX-512 BF16 "
-                   "or AMX); the front end, GRUs and outputs stay float32 (default: float32)")
+                   "or AMX); the front end, GRUs and outputs stay float32, and the test evaluation and export use "
+                   "a float32 copy (default: float32)")
     p.add_argument("--run-name", help="name under runs/ and saved_models/ (default: from the settings)")
     p.add_argument("--restore-best", action="store_true", help="export the best val_auc epoch, not the last")
     p.add_argument("--shuffle-buffer", type=positive_int, help="records in the shuffle buffer (default 512)")
@@ -367,10 +368,12 @@ def run(config):
         callbacks.load_weights(model, f"{ckpt_dir}/{checkpoint.best['weights']}")
         exported_epoch = checkpoint.best["epoch"]
 
-    if strategy:
-        # A model built inside strategy.scope() does not export on TF 2.16 ("a function referencing
-        # variables which have been deleted"): evaluate and export a copy built outside it.
-        trained, model = model, build_model(config, manifest)
+    if strategy or config.precision != "float32":
+        # Evaluate and export a float32 copy built outside any strategy: a model built inside
+        # strategy.scope() does not export on TF 2.16 ("a function referencing variables which have
+        # been deleted"), and a 16-bit model would serve slowly wherever there are no 16-bit units. The
+        # weights are float32 either way, so the copy is exact and the export computes in float32.
+        trained, model = model, build_model(dataclasses.replace(config, precision="float32"), manifest)
         model.set_weights(trained.get_weights())
     test_ds = data.dataset(config.data, "test", layout, config.batch_size, manifest)
     y, p = evaluate.predict_dataset(model.predict_on_batch, test_ds)

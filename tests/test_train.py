@@ -292,8 +292,8 @@ def test_mirrored_strategy_on_two_cpu_devices_trains_and_exports(tiny_records, t
 
 def test_mixed_precision_run_exports_a_float32_savedmodel(tiny_records, tmp_path):
     """--precision mixed_bfloat16 end to end: recorded in config.json, told when this CPU has no bf16
-    units, exported with float32 in and out, and served in a fresh TensorFlow-only process as Keras
-    computes it."""
+    units; the export is a float32 copy of the trained weights (served in a fresh TensorFlow-only
+    process as Keras computes it), and metrics.json describes that copy (tagger.evaluate agrees)."""
     import keras
 
     from tagger.models import emulated_precision
@@ -313,8 +313,13 @@ def test_mixed_precision_run_exports_a_float32_savedmodel(tiny_records, tmp_path
     served = np.load(tmp_path / "y.npy")
     assert served.dtype == np.float32 and json.loads((tmp_path / "info.json").read_text())["modules"] == []
     model = keras.saving.load_model(str(export / "model.keras"))
-    assert model.get_layer("conv2").compute_dtype == "bfloat16"
+    assert {layer.compute_dtype for layer in model.layers} == {"float32"}
     np.testing.assert_allclose(served, model(x, training=False).numpy(), atol=1e-5)
+    e = run_cli("tagger.evaluate", "--model", export, "--out", tmp_path / "eval")
+    assert e.returncode == 0, e.stderr[-3000:]
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())["test"]
+    assert again["roc_auc"] == pytest.approx(json.loads((export / "metrics.json").read_text())["test"]["roc_auc"],
+                                             abs=1e-6)
 
 
 def test_float16_training_scales_its_loss_also_across_replicas():
