@@ -225,12 +225,21 @@ def ensure_demo_data(config):
         raise UsageError(f"could not create the demo dataset in {config.data}")
 
 
+def compared_settings(config):
+    """The fields two runs (or searches) must share to be the same: all but the output folders."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("runs_dir", "models_dir")}
+
+
+def config_defaults():
+    """Each Config field's default: the value of a field that a record written before it existed lacks."""
+    return {f.name: f.default for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING}
+
+
 def settings_differ(before, config):
     """The fields of `config` that differ from a recorded config (config.json's "config"); a field
     the record lacks (written by an older version) counts as its default. Output folders don't count."""
-    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-    return [k for k, v in dataclasses.asdict(config).items()
-            if k not in ("runs_dir", "models_dir") and before.get(k, defaults[k]) != v]
+    defaults = config_defaults()
+    return [k for k, v in compared_settings(config).items() if before.get(k, defaults.get(k)) != v]
 
 
 def recorded_config(folder):

@@ -99,17 +99,15 @@ def default_out(config):
 
 def search_settings(config, grid):
     """What search.json records of a search: the trials' training settings and the grid."""
-    return {"config": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("runs_dir", "models_dir")},
-            "grid": {k: list(v) for k, v in grid.items()}}
+    return {"config": train.compared_settings(config), "grid": {k: list(v) for k, v in grid.items()}}
 
 
 def check_search_folder(out, config, grid):
     """The same search resumes (also one recorded before a training setting existed: it had the
     default); a folder holding another search is refused."""
     files.makedirs(out)
-    defaults = {"config": {f.name: f.default for f in dataclasses.fields(train.Config)
-                           if f.default is not dataclasses.MISSING}}
-    diff = files.recorded_settings_differ(f"{out}/search.json", search_settings(config, grid), defaults)
+    diff = files.recorded_settings_differ(f"{out}/search.json", search_settings(config, grid),
+                                          {"config": train.config_defaults()})
     if diff:
         raise UsageError(f"{out} holds a search with other settings ({', '.join(diff)} differ): pass "
                          "another --out, or the flags of that search to resume it")
