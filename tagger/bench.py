@@ -3,9 +3,9 @@
     python -m tagger.bench [--json PATH] [--quick] [--peer PYTHON] [--rounds N] [--precision P]
 
 Clips of 29.125 s (466,000 samples at 16 kHz) and 50 tags, through the project's own code: TFRecord
-shards written as tagger.prepare writes them and read by tagger.data's pipeline; the model's
-Resample + LogMelSpectrogram layers; tagger.train's models, compiled as tagger.train compiles them
-and stepped by model.fit (from tensors in memory, so the step alone is timed); the exported
+shards written as tagger.prepare writes them and read by tagger.data's pipeline; the CRNN's front
+end (LogMelSpectrogram with its resampling); tagger.train's models, compiled as tagger.train
+compiles them and stepped by model.fit (from tensors in memory, so the step alone is timed); the exported
 SavedModel's serving_default. Each stage runs in its own process after a warm-up, so its peak
 resident memory is its own. With --peer, ../shared/bench/peer_torch.py (the same two models in
 PyTorch) runs under that interpreter, alternating with our training stages, and the ratios are
@@ -116,14 +116,14 @@ def _time_calls(fn, steps, warmup=1):
 
 
 def stage_frontend(quick):
-    """The CRNN's Resample (16 -> 12 kHz) + LogMelSpectrogram on batches of 16 whole clips."""
+    """The CRNN's front end, resampling (16 -> 12 kHz) + log-mel, on batches of 16 whole clips."""
     import numpy as np
     import tensorflow as tf
 
-    from tagger.features import LogMelSpectrogram, Resample
-    resample, logmel = Resample(16000, 12000), LogMelSpectrogram(12000, 512, 256, 96)
+    from tagger.features import LogMelSpectrogram
+    logmel = LogMelSpectrogram(12000, 512, 256, 96, input_rate=16000)
     x = tf.constant(np.random.default_rng(0).uniform(-1, 1, (16, CLIP_SAMPLES)).astype(np.float32))
-    front = tf.function(lambda w: logmel(resample(w)))
+    front = tf.function(logmel)
     seconds = _time_calls(lambda: front(x).numpy(), _size("frontend_steps", quick))
     return {"frontend_clips_per_s": 16 / seconds}
 
@@ -241,6 +241,8 @@ def forward_flops(model):
         elif isinstance(layer, LogMelSpectrogram):
             frames, n = out[-1], layer.fft_length
             total += frames * (5 * n * math.log2(n) + 2 * (n // 2 + 1) * layer.num_mel_bins)
+            if layer.resample is not None:
+                total += 2 * layer.resample.width * layer.resample.output_length(layer.input.shape[-1])
     return int(total)
 
 
@@ -368,7 +370,7 @@ def table(r):
     row("pipeline, CNN layout (10 x 46,600)", "pipeline_cnn_clips_per_s", "pipeline_peak_rss_mb")
     row("pipeline, CRNN layout (466,000)", "pipeline_crnn_clips_per_s", "pipeline_peak_rss_mb",
         f"{r['pipeline_vs_crnn_train']:.0f} x CRNN training")
-    row("front end (Resample + LogMel)", "frontend_clips_per_s", "frontend_peak_rss_mb",
+    row("front end (resample + log-mel)", "frontend_clips_per_s", "frontend_peak_rss_mb",
         f"{r['frontend_vs_librosa']:.1f} x librosa" if r.get("frontend_vs_librosa") else "")
     row("librosa (resample_poly + melspectrogram + dB)", "librosa_clips_per_s", "librosa_peak_rss_mb",
         r.get("librosa_note", ""))

@@ -121,6 +121,10 @@ def slaney_mel_matrix(sample_rate, fft_length, num_mel_bins, fmin=0.0, fmax=None
     return weights.T
 
 
+# Clips of a batch that LogMelSpectrogram computes at the same time on a CPU (about 10 MB each for 29 s).
+PARALLEL_CLIPS = 16
+
+
 @keras.saving.register_keras_serializable(package="tagger")
 class LogMelSpectrogram(keras.layers.Layer):
     """Log-power mel spectrogram in dB, equal to librosa's defaults.
@@ -129,12 +133,27 @@ class LogMelSpectrogram(keras.layers.Layer):
     ref=1.0, amin=1e-10, top_db=None)`: centred frames with zero padding, periodic Hann window,
     power 2, Slaney mel filters. Input (batch, samples); output (batch, num_mel_bins, frames) with
     frames = 1 + samples // sequence_stride.
+
+    With `input_rate` (the rate of the incoming waveform, when it is not `sample_rate`), the input is
+    first resampled to `sample_rate` by `Resample`, i.e. `scipy.signal.resample_poly`, and frames
+    counts the resampled samples.
+
+    On a CPU the batch is computed clip by clip (`tf.map_fn`, up to `PARALLEL_CLIPS` clips at a
+    time), resampling and spectrogram together: the clips run side by side on TensorFlow's inter-op
+    threads, where one batched FFT keeps few cores busy, and each works on a few MB of intermediates
+    instead of a batch's hundred. Same values, faster on many cores (measured in the
+    README's Performance). With a GPU visible when the layer is traced, the batch is one set of
+    batched ops (`batched`), as GPUs want; a model traced (exported) on one kind of machine keeps
+    that graph.
     """
 
     def __init__(self, sample_rate=12000, fft_length=512, sequence_stride=256, num_mel_bins=96,
-                 amin=1e-10, **kwargs):
+                 amin=1e-10, input_rate=None, **kwargs):
         super().__init__(**kwargs)
         self.sample_rate = int(sample_rate)
+        self.input_rate = self.sample_rate if input_rate is None else int(input_rate)
+        self.resample = (Resample(self.input_rate, self.sample_rate, dtype="float32")
+                         if self.input_rate != self.sample_rate else None)
         self.fft_length = int(fft_length)
         self.sequence_stride = int(sequence_stride)
         self.num_mel_bins = int(num_mel_bins)
@@ -143,6 +162,9 @@ class LogMelSpectrogram(keras.layers.Layer):
             slaney_mel_matrix(self.sample_rate, self.fft_length, self.num_mel_bins), tf.float32)
 
     def num_frames(self, samples):
+        """Frames of a waveform of `samples` samples at `input_rate`."""
+        if self.resample is not None:
+            samples = self.resample.output_length(samples)
         return 1 + samples // self.sequence_stride
 
     def compute_output_shape(self, input_shape):
@@ -150,6 +172,14 @@ class LogMelSpectrogram(keras.layers.Layer):
         return (input_shape[0], self.num_mel_bins, None if n is None else self.num_frames(n))
 
     def call(self, x):
+        if tf.config.list_logical_devices("GPU"):
+            return self.batched(x)
+        return tf.map_fn(lambda clip: self.batched(clip[None])[0], x, parallel_iterations=PARALLEL_CLIPS)
+
+    def batched(self, x):
+        """The spectrogram of the whole batch as one set of batched ops (what `call` does on a GPU)."""
+        if self.resample is not None:
+            x = self.resample(x)
         half = self.fft_length // 2
         x = tf.pad(x, [[0, 0], [half, half]])  # zero padding, as librosa's center=True
         stft = tf.signal.stft(x, frame_length=self.fft_length, frame_step=self.sequence_stride,
@@ -162,4 +192,4 @@ class LogMelSpectrogram(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "sample_rate": self.sample_rate, "fft_length": self.fft_length,
                 "sequence_stride": self.sequence_stride, "num_mel_bins": self.num_mel_bins,
-                "amin": self.amin}
+                "amin": self.amin, "input_rate": self.input_rate}

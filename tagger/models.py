@@ -209,8 +209,8 @@ def build_crnn(num_tags, clip_samples, gru_units=32, filters=(64, 128, 128, 128)
                pools=((2, 2), (3, 3), (4, 4), (4, 4)), num_mel_bins=96, fft_length=512,
                sequence_stride=256, pad_frames=37, sample_rate=12000, input_rate=INPUT_RATE,
                bn_momentum=0.99, precision="float32", name="crnn"):
-    """CRNN: Resample -> LogMelSpectrogram -> `pad_frames` zero frames at each end of time (Choi et
-    al.'s ZeroPadding2D) -> four [Conv2D 3x3 -> BatchNorm -> ELU -> MaxPool] blocks -> two GRU
+    """CRNN: LogMelSpectrogram (resampling to `sample_rate` first) -> `pad_frames` zero frames at
+    each end of time (Choi et al.'s ZeroPadding2D) -> four [Conv2D 3x3 -> BatchNorm -> ELU -> MaxPool] blocks -> two GRU
     layers over time, each followed by an ELU layer -> Dense(num_tags, sigmoid).
 
     The GRUs keep their default tanh/sigmoid so that cuDNN serves them on a GPU, and float32 under a
@@ -218,8 +218,9 @@ def build_crnn(num_tags, clip_samples, gru_units=32, filters=(64, 128, 128, 128)
     """
     f32 = dict(dtype="float32")
     waves = keras.Input((clip_samples,), name="waveform")
-    x = Resample(input_rate, sample_rate, name="resample", **f32)(waves) if sample_rate != input_rate else waves
-    x = LogMelSpectrogram(sample_rate, fft_length, sequence_stride, num_mel_bins, name="log_mel", **f32)(x)
+    # Resampling inside the log-mel layer: on a CPU it computes both clip by clip (faster).
+    x = LogMelSpectrogram(sample_rate, fft_length, sequence_stride, num_mel_bins, input_rate=input_rate,
+                          name="log_mel", **f32)(waves)
     x = layers.Reshape((num_mel_bins, -1, 1), name="add_channel", **f32)(x)
     x = layers.ZeroPadding2D(((0, 0), (pad_frames, pad_frames)), name="pad_time", **f32)(x)
     for i, (f, pool) in enumerate(zip(filters, pools), 1):
