@@ -7,9 +7,9 @@ shards written as tagger.prepare writes them and read by tagger.data's pipeline;
 end (LogMelSpectrogram with its resampling); tagger.train's models, compiled as tagger.train
 compiles them and stepped by model.fit (from tensors in memory, so the step alone is timed); the exported
 SavedModel's serving_default. Each stage runs in its own process after a warm-up, so its peak
-resident memory is its own. With --peer, ../shared/bench/peer_torch.py (the same two models in
-PyTorch) runs under that interpreter, alternating with our training stages, and the ratios are
-printed. --precision mixed_bfloat16 or mixed_float16 times the training stages with tagger.train's
+resident memory is its own. The stages but predict and matmul run in --rounds rounds; with --peer,
+../shared/bench/peer_torch.py (the same two models in PyTorch) runs under that interpreter after ours
+in each round. Speeds are medians over the rounds, ratios medians of each round's ratio. --precision mixed_bfloat16 or mixed_float16 times the training stages with tagger.train's
 --precision (the peer stays float32; exports are float32 either way). Speed goals live here, never in
 the tests.
 """
@@ -44,8 +44,8 @@ def parse_args(argv):
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--quick", action="store_true", help="fewer steps (about 3 minutes on 2 cores)")
     p.add_argument("--peer", metavar="PYTHON", help="an interpreter with torch 2.13 for ../shared/bench/peer_torch.py")
-    p.add_argument("--rounds", type=positive_int, help="alternating rounds of training (ours, then the peer's); "
-                   "default 2, 1 with --quick")
+    p.add_argument("--rounds", type=positive_int, help="rounds of the stages (all but predict and matmul), each "
+                   "followed by the peer's; default 2, 1 with --quick")
     p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1, help="threads for the peer")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="float32",
                    help="tagger.train's --precision for the training stages (default: float32)")
@@ -259,7 +259,7 @@ def run_stage(name, quick, precision):
 
 
 # ---------------------------------------------------------------------------------------------
-# The driver: every stage in its own process, training alternating with the peer
+# The driver: every stage in its own process, in rounds alternating with the peer
 
 def _subprocess(cmd, label, cwd=None):
     print(f"  {label} ...", file=sys.stderr, flush=True)
@@ -307,40 +307,30 @@ def machine():
             "bf16": bool(cpu_flags() & set(CPU_16BIT_FLAGS["mixed_bfloat16"]))}
 
 
+# Stages run in every round, alternating with the peer, so that each ratio compares runs made in the
+# same minutes (these machines' speed drifts by 2 x within an hour); predict and matmul run once.
+ROUND_STAGES = ("pipeline", "frontend", "librosa", "cnn_train", "crnn_train")
+
+
 def run(args):
     if args.stage:
         return run_stage(args.stage, args.quick, args.precision)
     quick = args.quick
     rounds = args.rounds or (1 if quick else 2)
-    print(f"Benchmark ({'quick' if quick else 'full'}, {rounds} round(s) of training"
+    print(f"Benchmark ({'quick' if quick else 'full'}, {rounds} round(s)"
           + (f" alternating with {args.peer}" if args.peer else "") + "):", file=sys.stderr)
-    results = {}
-    for name in ("pipeline", "frontend", "librosa", "predict", "matmul"):
-        results.update(our_stage(name, quick, args.precision))
-    train_runs, peer_runs = {"cnn": [], "crnn": []}, []
-    for r in range(rounds):
-        for arch in ("cnn", "crnn"):
-            stage = our_stage(f"{arch}_train", quick, args.precision)
-            train_runs[arch].append(stage[f"{arch}_train_clips_per_s"])
-            results.update({k: v for k, v in stage.items() if not k.endswith("_train_clips_per_s")})
+    once = {}
+    for name in ("predict", "matmul"):
+        once.update(our_stage(name, quick, args.precision))
+    runs, peer_runs = {name: [] for name in ROUND_STAGES}, []
+    for _ in range(rounds):
+        for name in ROUND_STAGES:
+            runs[name].append(our_stage(name, quick, args.precision))
         if args.peer:
             peer_runs.append(peer_run(args.peer, args.threads))
-    for arch in ("cnn", "crnn"):
-        results[f"{arch}_train_clips_per_s"] = statistics.median(train_runs[arch])
-        results[f"{arch}_train_runs"] = train_runs[arch]
-        flops = 3 * results[f"{arch}_forward_flops_per_clip"]    # forward + backward
-        results[f"{arch}_train_gflops"] = flops * results[f"{arch}_train_clips_per_s"] / 1e9
+    results = summarize(once, runs, peer_runs)
     if peer_runs:
-        results["peer"] = {"torch": peer_runs[0]["version"], "threads": args.threads,
-                           "cnn_train_clips_per_s": statistics.median(p["cnn"] for p in peer_runs),
-                           "crnn_train_clips_per_s": statistics.median(p["crnn"] for p in peer_runs),
-                           "runs": peer_runs}
-        for arch in ("cnn", "crnn"):
-            ratios = [ours / p[arch] for ours, p in zip(train_runs[arch], peer_runs)]
-            results[f"{arch}_train_vs_peer"] = statistics.median(ratios)
-    if results.get("librosa_clips_per_s"):
-        results["frontend_vs_librosa"] = results["frontend_clips_per_s"] / results["librosa_clips_per_s"]
-    results["pipeline_vs_crnn_train"] = results["pipeline_clips_per_s"] / results["crnn_train_clips_per_s"]
+        results["peer"]["threads"] = args.threads
     quiet_tensorflow()
     results["machine"] = machine()
     results["quick"] = quick
@@ -352,6 +342,43 @@ def run(args):
             json.dump(results, f, indent=1)
         print(f"Wrote {args.json}")
     return EXIT_OK
+
+
+def summarize(once, runs, peer_runs):
+    """The results from the stages' outputs: `once` (one dict), `runs` (stage -> one dict per round) and
+    the peer's rounds. Speeds are medians over the rounds; a ratio is the median of the ratios of
+    each round (measured minutes apart), not the ratio of the medians. Peak memory is the largest."""
+    results = dict(once)
+    for stage_runs in runs.values():
+        for key in stage_runs[0]:
+            values = [r[key] for r in stage_runs]
+            if key.endswith("_peak_rss_mb"):
+                results[key] = max(values)
+            elif key.endswith("_clips_per_s") and None not in values:
+                results[key] = statistics.median(values)
+                results[key.replace("_clips_per_s", "_runs")] = values
+            else:
+                results[key] = values[0]
+
+    def per_round(a, a_stage, b, b_stage):
+        return statistics.median(x[a] / y[b] for x, y in zip(runs[a_stage], runs[b_stage]))
+
+    for arch in ("cnn", "crnn"):
+        flops = 3 * results[f"{arch}_forward_flops_per_clip"]    # forward + backward
+        results[f"{arch}_train_gflops"] = flops * results[f"{arch}_train_clips_per_s"] / 1e9
+    if peer_runs:
+        results["peer"] = {"torch": peer_runs[0]["version"],
+                           "cnn_train_clips_per_s": statistics.median(p["cnn"] for p in peer_runs),
+                           "crnn_train_clips_per_s": statistics.median(p["crnn"] for p in peer_runs),
+                           "runs": peer_runs}
+        for arch in ("cnn", "crnn"):
+            results[f"{arch}_train_vs_peer"] = statistics.median(
+                ours[f"{arch}_train_clips_per_s"] / p[arch] for ours, p in zip(runs[f"{arch}_train"], peer_runs))
+    if results.get("librosa_clips_per_s"):
+        results["frontend_vs_librosa"] = per_round("frontend_clips_per_s", "frontend", "librosa_clips_per_s", "librosa")
+    results["pipeline_vs_crnn_train"] = per_round("pipeline_clips_per_s", "pipeline", "crnn_train_clips_per_s",
+                                                  "crnn_train")
+    return results
 
 
 def table(r):

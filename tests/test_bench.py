@@ -2,7 +2,7 @@
 import pytest
 
 from conftest import run_cli
-from tagger.bench import forward_flops, table
+from tagger.bench import forward_flops, summarize, table
 from tagger.models import build_cnn
 
 
@@ -30,6 +30,34 @@ def test_table_reports_ratios_and_missing_values():
     assert "1.50 x PyTorch (200.00 clips/s)" in text and "1.25 x PyTorch" in text and "200 x CRNN training" in text
     assert "precision" not in text
     assert "training in mixed_bfloat16 (the peer in float32)" in table({**r, "precision": "mixed_bfloat16"})
+
+
+def test_summary_takes_medians_and_ratios_round_by_round():
+    """Rounds run minutes apart on a machine whose speed drifts: each ratio compares one round's runs."""
+    def stage(key, values, rss, **extra):
+        return [{f"{key}_clips_per_s": v, f"{key}_peak_rss_mb": m, **extra} for v, m in zip(values, rss)]
+    runs = {
+        "pipeline": [{"pipeline_cnn_clips_per_s": c, "pipeline_crnn_clips_per_s": c + 1, "pipeline_clips_per_s": c,
+                      "pipeline_peak_rss_mb": 600.0} for c in (400.0, 900.0, 500.0)],
+        "frontend": stage("frontend", (100.0, 300.0, 120.0), (500.0, 520.0, 510.0)),
+        "librosa": stage("librosa", (10.0, 20.0, 50.0), (200.0, 200.0, 200.0)),
+        "cnn_train": stage("cnn_train", (300.0, 600.0, 330.0), (580.0, 590.0, 585.0), cnn_forward_flops_per_clip=1e8),
+        "crnn_train": stage("crnn_train", (4.0, 8.0, 5.0), (3600.0, 3700.0, 3650.0), crnn_forward_flops_per_clip=6e9),
+    }
+    peer = [{"cnn": 200.0, "crnn": 2.0, "version": "2.13.0"}, {"cnn": 300.0, "crnn": 2.0, "version": "2.13.0"},
+            {"cnn": 300.0, "crnn": 2.0, "version": "2.13.0"}]
+    r = summarize({"matmul_gflops": 100.0}, runs, peer)
+    assert r["frontend_clips_per_s"] == 120.0 and r["frontend_runs"] == [100.0, 300.0, 120.0]
+    assert r["frontend_peak_rss_mb"] == 520.0 and r["matmul_gflops"] == 100.0
+    assert r["frontend_vs_librosa"] == 10.0             # rounds 10, 15, 2.4; the ratio of medians would be 6
+    assert r["pipeline_vs_crnn_train"] == 100.0         # rounds 100, 112.5, 100 (ratio of medians: 100)
+    assert r["cnn_train_vs_peer"] == 1.5                # rounds 1.5, 2.0, 1.1; of medians: 330 / 300 = 1.1
+    assert r["crnn_train_vs_peer"] == 2.5               # rounds 2, 4, 2.5
+    assert r["peer"]["cnn_train_clips_per_s"] == 300.0 and r["peer"]["torch"] == "2.13.0"
+    assert r["cnn_train_gflops"] == 3 * 1e8 * 330.0 / 1e9
+    missing = {**runs, "librosa": [{"librosa_clips_per_s": None, "librosa_note": "not installed"}]}
+    r = summarize({}, missing, [])
+    assert r["librosa_clips_per_s"] is None and "frontend_vs_librosa" not in r and "peer" not in r
 
 
 @pytest.mark.parametrize("args, message", [
