@@ -161,6 +161,10 @@ class LogMelSpectrogram(keras.layers.Layer):
         self.mel_matrix = tf.constant(
             slaney_mel_matrix(self.sample_rate, self.fft_length, self.num_mel_bins), tf.float32)
 
+    def build(self, input_shape):
+        if self.resample is not None:
+            self.resample.build(input_shape)
+
     def num_frames(self, samples):
         """Frames of a waveform of `samples` samples at `input_rate`."""
         if self.resample is not None:
