@@ -5,11 +5,12 @@
 Clips of 29.125 s (466,000 samples at 16 kHz) and 50 tags, through the project's own code: TFRecord
 shards written as tagger.prepare writes them and read by tagger.data's pipeline; the CRNN's front
 end (LogMelSpectrogram with its resampling); tagger.train's models, compiled as tagger.train
-compiles them and stepped by model.fit (from tensors in memory, so the step alone is timed); the exported
-SavedModel's serving_default. Each stage runs in its own process after a warm-up, so its peak
+compiles them and stepped by model.fit (from tensors in memory, so the step alone is timed); the
+exported SavedModel's serving_default. Each stage runs in its own process after a warm-up, so its peak
 resident memory is its own. The stages but predict and matmul run in --rounds rounds; with --peer,
 ../shared/bench/peer_torch.py (the same two models in PyTorch) runs under that interpreter after ours
-in each round. Speeds are medians over the rounds, ratios medians of each round's ratio. --precision mixed_bfloat16 or mixed_float16 times the training stages with tagger.train's
+in each round. Speeds are medians over the rounds, ratios medians of each round's ratio.
+--precision mixed_bfloat16 or mixed_float16 times the training stages with tagger.train's
 --precision (the peer stays float32; exports are float32 either way). Speed goals live here, never in
 the tests.
 """
@@ -346,8 +347,8 @@ def run(args):
 
 def summarize(once, runs, peer_runs):
     """The results from the stages' outputs: `once` (one dict), `runs` (stage -> one dict per round) and
-    the peer's rounds. Speeds are medians over the rounds; a ratio is the median of the ratios of
-    each round (measured minutes apart), not the ratio of the medians. Peak memory is the largest."""
+    the peer's rounds. Speeds are medians over the rounds; a ratio is the median of the ratios within
+    each round (runs minutes apart), not the ratio of the medians. Peak memory is the largest."""
     results = dict(once)
     for stage_runs in runs.values():
         for key in stage_runs[0]:

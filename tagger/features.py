@@ -141,10 +141,9 @@ class LogMelSpectrogram(keras.layers.Layer):
     On a CPU the batch is computed clip by clip (`tf.map_fn`, up to `PARALLEL_CLIPS` clips at a
     time), resampling and spectrogram together: the clips run side by side on TensorFlow's inter-op
     threads, where one batched FFT keeps few cores busy, and each works on a few MB of intermediates
-    instead of a batch's hundred. Same values, faster on many cores (measured in the
-    README's Performance). With a GPU visible when the layer is traced, the batch is one set of
-    batched ops (`batched`), as GPUs want; a model traced (exported) on one kind of machine keeps
-    that graph.
+    instead of a batch's hundreds. Same values, faster on many cores (measured in the README's
+    Performance). With a GPU visible when the layer is traced, the batch is one set of batched ops
+    (`batched`), as GPUs want; a model traced (exported) on one kind of machine keeps that graph.
     """
 
     def __init__(self, sample_rate=12000, fft_length=512, sequence_stride=256, num_mel_bins=96,

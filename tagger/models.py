@@ -210,8 +210,9 @@ def build_crnn(num_tags, clip_samples, gru_units=32, filters=(64, 128, 128, 128)
                sequence_stride=256, pad_frames=37, sample_rate=12000, input_rate=INPUT_RATE,
                bn_momentum=0.99, precision="float32", name="crnn"):
     """CRNN: LogMelSpectrogram (resampling to `sample_rate` first) -> `pad_frames` zero frames at
-    each end of time (Choi et al.'s ZeroPadding2D) -> four [Conv2D 3x3 -> BatchNorm -> ELU -> MaxPool] blocks -> two GRU
-    layers over time, each followed by an ELU layer -> Dense(num_tags, sigmoid).
+    each end of time (Choi et al.'s ZeroPadding2D) -> four [Conv2D 3x3 -> BatchNorm -> ELU ->
+    MaxPool] blocks -> two GRU layers over time, each followed by an ELU layer -> Dense(num_tags,
+    sigmoid).
 
     The GRUs keep their default tanh/sigmoid so that cuDNN serves them on a GPU, and float32 under a
     mixed `precision`: they are a small part of the work, and recurrence accumulates 16-bit rounding.
