@@ -100,7 +100,8 @@ def test_log_mel_clip_by_clip_equals_batched(input_rate):
     fn = tf.function(layer, input_signature=[tf.TensorSpec((None, 12000), tf.float32)])
     ops = {op.type for op in fn.get_concrete_function().graph.get_operations()}
     assert "While" in ops or "StatelessWhile" in ops
-    x = np.concatenate([_signals(12000, seed=s) for s in range(2)])[:5]   # 5 different clips
+    gains = np.array([1.0, 0.5, 0.9, 0.3, 0.7], np.float32)[:, None]      # 5 different clips
+    x = np.concatenate([_signals(12000, seed=s) for s in range(2)])[:5] * gains
     for batch in (x[:1], x):
         got = fn(batch).numpy()
         assert got.shape[0] == len(batch)
