@@ -78,6 +78,8 @@ def stage_pipeline(quick):
     import tensorflow as tf
 
     from tagger import data, prepare
+    from tagger.data import NUM_SUB_CLIPS
+    from tagger.models import cnn_input_samples
     clips = _size("pipeline_clips", quick)
     rng = np.random.default_rng(0)
     result = {}
@@ -94,8 +96,10 @@ def stage_pipeline(quick):
             names.append(name)
         manifest = {"tags": [f"tag{i}" for i in range(NUM_TAGS)], "clip_samples": CLIP_SAMPLES,
                     "sample_rate": 16000, "splits": {"train": {"clips": clips, "shards": names}}}
+        keep = cnn_input_samples(CLIP_SAMPLES // NUM_SUB_CLIPS, 256, 256)
         for layout, batch in (("cnn", 10), ("crnn", 16)):
-            ds = data.dataset(tmp, "train", layout, batch, manifest, shuffle_seed=0, shuffle_buffer=64)
+            ds = data.dataset(tmp, "train", layout, batch, manifest, shuffle_seed=0, shuffle_buffer=64,
+                              sub_clip_samples=keep if layout == "cnn" else None)
             for _ in ds.take(2):       # warm-up: open files, start threads
                 pass
             n, start = 0, time.perf_counter()
@@ -156,15 +160,13 @@ def _model_and_batch(arch, precision):
     import numpy as np
 
     from tagger import train
-    from tagger.data import NUM_SUB_CLIPS
     config = train.Config(arch=arch, data="bench", **{**train.STUDY[arch], "epochs": 1})
     config = dataclasses.replace(config, length=256, stride=256, precision=precision)
     manifest = {"tags": [f"t{i}" for i in range(NUM_TAGS)], "clip_samples": CLIP_SAMPLES}
     model = train.compile_model(train.build_model(config, manifest), config)
     rng = np.random.default_rng(0)
     batch = config.batch_size
-    shape = (batch, NUM_SUB_CLIPS, CLIP_SAMPLES // NUM_SUB_CLIPS) if arch == "cnn" else (batch, CLIP_SAMPLES)
-    x = rng.uniform(-1, 1, shape).astype(np.float32)
+    x = rng.uniform(-1, 1, (batch, *model.input_shape[1:])).astype(np.float32)
     y = (rng.uniform(size=(batch, NUM_TAGS)) < 0.1).astype(np.float32)
     return model, config, x, y
 

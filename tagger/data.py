@@ -51,9 +51,10 @@ def scale(pcm):
     return tf.cast(pcm, tf.float32) / 32768.0
 
 
-def to_sub_clips(waveform, num_sub_clips=NUM_SUB_CLIPS):
-    """(..., samples) -> (..., num_sub_clips, samples // num_sub_clips): equal consecutive pieces; the
-    remainder, if any, is dropped."""
+def to_sub_clips(waveform, num_sub_clips=NUM_SUB_CLIPS, keep=None):
+    """(..., samples) -> (..., num_sub_clips, keep): equal consecutive pieces of samples // num_sub_clips
+    (the remainder, if any, dropped), each cut to its first `keep` samples (default: all; the CNN's
+    input length, `tagger.models.cnn_input_samples`)."""
     samples = waveform.shape[-1]
     if samples is None:
         sub = tf.shape(waveform)[-1] // num_sub_clips
@@ -61,15 +62,18 @@ def to_sub_clips(waveform, num_sub_clips=NUM_SUB_CLIPS):
     else:  # static, so the model sees a known input shape
         sub = samples // num_sub_clips
         shape = [-1 if d is None else d for d in waveform.shape[:-1]] + [num_sub_clips, sub]
-    return tf.reshape(waveform[..., :num_sub_clips * sub], shape)
+    pieces = tf.reshape(waveform[..., :num_sub_clips * sub], shape)
+    return pieces if keep is None else pieces[..., :keep]
 
 
 def dataset(data_dir, split, layout, batch_size, manifest=None, shuffle_seed=None, shuffle_buffer=1024,
-            with_ids=False, drop_remainder=False):
+            with_ids=False, drop_remainder=False, sub_clip_samples=None):
     """Batches of (waveforms, labels) from one split.
 
     Args:
       layout: "cnn" for (batch, 10, clip_samples // 10) sub-clips, "crnn" for (batch, clip_samples).
+      sub_clip_samples: layout "cnn" only: the first samples of each sub-clip to keep (the model's
+        input length, `model.input_shape[-1]`; default all).
       shuffle_seed: None for evaluation (file order, no randomness); an int shuffles shards and
         records with that seed, anew each epoch.
       with_ids: also yield (clip_id, path) per clip, for per-clip outputs.
@@ -91,7 +95,7 @@ def dataset(data_dir, split, layout, batch_size, manifest=None, shuffle_seed=Non
     def prepare(serialized):
         pcm, labels, clip_id, path = parse_example(serialized, num_tags, manifest["clip_samples"])
         waves = scale(pcm)
-        waves = to_sub_clips(waves) if layout == "cnn" else waves
+        waves = to_sub_clips(waves, keep=sub_clip_samples) if layout == "cnn" else waves
         return ((waves, labels, clip_id, path) if with_ids else (waves, labels))
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)

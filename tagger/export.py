@@ -45,7 +45,7 @@ def serving_functions(model, arch, clip_samples, tags):
 
     @tf.function(input_signature=[tf.TensorSpec([None, clip_samples], tf.float32, name="waveform")])
     def serve(waveform):
-        x = to_sub_clips(waveform, NUM_SUB_CLIPS) if arch == "cnn" else waveform
+        x = to_sub_clips(waveform, NUM_SUB_CLIPS, model.input_shape[-1]) if arch == "cnn" else waveform
         return {"probabilities": model(x, training=False)}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="waveform"),

@@ -1,8 +1,9 @@
 """The study's two architectures as Keras functional models, chosen by name through `BUILDERS`.
 
 Both take 16 kHz float32 waveforms in [-1, 1]:
-- `build_cnn`: Dieleman & Schrauwen (2014) on raw audio; input (batch, 10, sub_clip_samples), the
-  clip cut into 10 consecutive sub-clips whose predictions are averaged inside the model. It reads
+- `build_cnn`: Dieleman & Schrauwen (2014) on raw audio; input (batch, 10, samples), the clip cut
+  into 10 consecutive sub-clips whose predictions are averaged inside the model, each sub-clip
+  without the few samples after the strided convolution's last frame (`cnn_input_samples`). It reads
   the 16 kHz samples directly, as the PyTorch peer in ../shared/bench does (`sample_rate=12000`
   resamples first, inside the model).
 - `build_crnn`: Choi et al. (2017) on log-mel spectrograms of the clip resampled to 12 kHz inside
@@ -85,8 +86,9 @@ class StridedConv1D(layers.Layer):
         inner = list(x.shape[1:-1])
         frames = self.frames(x.shape[-1])
         if self.length == self.stride:
-            y = tf.matmul(tf.reshape(x[..., :frames * self.stride], [-1, self.stride]),
-                          tf.reshape(self.kernel, [self.stride, self.filters]))
+            if x.shape[-1] != frames * self.stride:
+                x = x[..., :frames * self.stride]       # a copy of the batch: build_cnn's input needs none
+            y = tf.matmul(tf.reshape(x, [-1, self.stride]), tf.reshape(self.kernel, [self.stride, self.filters]))
         else:
             y = tf.nn.conv1d(tf.reshape(x, [-1, x.shape[-1], 1]), self.kernel, self.stride, "VALID")
         # MatMul -> BiasAdd -> Relu: a pattern TensorFlow's graph optimizer fuses into one kernel.
@@ -178,11 +180,25 @@ def cnn_frames(sub_clip_samples, length, stride, sample_rate=INPUT_RATE, input_r
     return frames // 4 // 4
 
 
+def cnn_input_samples(sub_clip_samples, length, stride, sample_rate=INPUT_RATE, input_rate=INPUT_RATE):
+    """Samples of each sub-clip that the CNN takes: the sub-clip less the tail after the strided
+    convolution's last frame, which no frame reads (8 of 46,600 samples at 256/256). The data pipeline
+    and the export cut the tail off as they cut the sub-clips (`tagger.data.to_sub_clips`), so the
+    model's frames are contiguous in memory from the start: slicing them out inside the model copied
+    every batch, 13 % of a CNN training step on 16 CPU cores (README, Performance). Resampling inside
+    the model (`sample_rate` != `input_rate`) needs every sample.
+    """
+    if sample_rate != input_rate or sub_clip_samples < length:
+        return sub_clip_samples
+    return sub_clip_samples - (sub_clip_samples - length) % stride
+
+
 def build_cnn(num_tags, sub_clip_samples, length=256, stride=256, num_sub_clips=10, filters=32,
               dense_units=100, sample_rate=INPUT_RATE, input_rate=INPUT_RATE, precision="float32", name="cnn"):
     """Raw-audio CNN: Conv1D(filters, length, stride) -> [Conv1D(filters, 8, same) -> MaxPool(4)] x 2
     -> Dense(dense_units) -> Dense(num_tags, sigmoid), ReLU after the convolutions and the first dense
-    layer, applied to each sub-clip; the sub-clip probabilities are averaged.
+    layer, applied to each sub-clip; the sub-clip probabilities are averaged. Sub-clips of
+    `sub_clip_samples`; the input is (batch, num_sub_clips, cnn_input_samples(...)), their first samples.
 
     The strided convolution is `StridedConv1D` (Conv1D's weights and arithmetic as matrix products);
     the other 1-D layers run as 2-D layers with a kernel height of 1 over (sub-clip, time), so the 10
@@ -191,7 +207,8 @@ def build_cnn(num_tags, sub_clip_samples, length=256, stride=256, num_sub_clips=
     if cnn_frames(sub_clip_samples, length, stride, sample_rate, input_rate) < 1:
         raise ValueError(f"sub-clips of {sub_clip_samples} samples are too short for length {length} / "
                          f"stride {stride}: the two poolings leave no time step")
-    waves = keras.Input((num_sub_clips, sub_clip_samples), name="waveform")
+    samples = cnn_input_samples(sub_clip_samples, length, stride, sample_rate, input_rate)
+    waves = keras.Input((num_sub_clips, samples), name="waveform")
     x = (Resample(input_rate, sample_rate, name="resample", dtype="float32")(waves) if sample_rate != input_rate
          else waves)
     x = StridedConv1D(filters, length, stride, activation="relu", name="strided_conv", dtype=precision)(x)

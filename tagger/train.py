@@ -345,9 +345,11 @@ def run(config):
         json.dump(info, f, indent=1)
 
     layout = config.arch
-    train_ds = data.dataset(config.data, "train", layout, global_batch, manifest,
-                            shuffle_seed=config.seed, shuffle_buffer=config.shuffle_buffer)
-    valid_ds = data.dataset(config.data, "valid", layout, global_batch, manifest)
+    # The CNN takes its sub-clips less a tail that no frame reads (models.cnn_input_samples).
+    keep = model.input_shape[-1] if layout == "cnn" else None
+    train_ds = data.dataset(config.data, "train", layout, global_batch, manifest, shuffle_seed=config.seed,
+                            shuffle_buffer=config.shuffle_buffer, sub_clip_samples=keep)
+    valid_ds = data.dataset(config.data, "valid", layout, global_batch, manifest, sub_clip_samples=keep)
     ckpt_dir = f"{run_dir}/checkpoint"
     state = callbacks.read_state(ckpt_dir)
     initial_epoch = 0
@@ -384,7 +386,7 @@ def run(config):
         # weights are float32 either way, so the copy is exact and the export computes in float32.
         trained, model = model, build_model(dataclasses.replace(config, precision="float32"), manifest)
         model.set_weights(trained.get_weights())
-    test_ds = data.dataset(config.data, "test", layout, config.batch_size, manifest)
+    test_ds = data.dataset(config.data, "test", layout, config.batch_size, manifest, sub_clip_samples=keep)
     y, p = evaluate.predict_dataset(model.predict_on_batch, test_ds)
     test = evaluate.tag_metrics(y, p, manifest["tags"])
     evaluate.write_report(run_dir, test, manifest["tag_counts"]["train"],

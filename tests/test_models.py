@@ -6,7 +6,7 @@ import tensorflow as tf
 
 import tagger
 from tagger.models import (StridedConv1D, TapGradientConv2D, _conv2d_same_tap_gradient, build_cnn, build_crnn,
-                           cnn_frames, onednn_cpu)
+                           cnn_frames, cnn_input_samples, onednn_cpu)
 
 MTAT_SUB_CLIP = 46600     # 466,000 samples / 10 at 16 kHz
 MTAT_CLIP = 466000
@@ -16,21 +16,22 @@ def _trainable(model):
     return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
 
 
-@pytest.mark.parametrize("length, stride, total", [
+@pytest.mark.parametrize("length, stride, total, samples", [
     # 46,600 samples at 16 kHz; frames = (46600 - length) // stride + 1, then two poolings by 4.
     # conv1 = length * 32 + 32; conv2 = conv3 = 8 * 32 * 32 + 32 = 8,224; out = 100 * 50 + 50 = 5,050;
-    # dense = steps * 32 * 100 + 100
-    (256, 256, 8224 + 8224 + 8224 + (11 * 32 * 100 + 100) + 5050),   # 182 frames -> 45 -> 11: 65,022
-    (512, 256, 16416 + 8224 + 8224 + (11 * 32 * 100 + 100) + 5050),  # 181 -> 45 -> 11: 73,214
-    (512, 512, 16416 + 8224 + 8224 + (5 * 32 * 100 + 100) + 5050),   # 91 -> 22 -> 5: 54,014
-    (1024, 512, 32800 + 8224 + 8224 + (5 * 32 * 100 + 100) + 5050),  # 90 -> 22 -> 5: 70,398
-    (1024, 1024, 32800 + 8224 + 8224 + (2 * 32 * 100 + 100) + 5050),  # 45 -> 11 -> 2: 60,798
+    # dense = steps * 32 * 100 + 100. The input: the samples up to the end of the last frame,
+    # length + (frames - 1) * stride.
+    (256, 256, 8224 + 8224 + 8224 + (11 * 32 * 100 + 100) + 5050, 46592),   # 182 frames -> 45 -> 11: 65,022
+    (512, 256, 16416 + 8224 + 8224 + (11 * 32 * 100 + 100) + 5050, 46592),  # 181 -> 45 -> 11: 73,214
+    (512, 512, 16416 + 8224 + 8224 + (5 * 32 * 100 + 100) + 5050, 46592),   # 91 -> 22 -> 5: 54,014
+    (1024, 512, 32800 + 8224 + 8224 + (5 * 32 * 100 + 100) + 5050, 46592),  # 90 -> 22 -> 5: 70,398
+    (1024, 1024, 32800 + 8224 + 8224 + (2 * 32 * 100 + 100) + 5050, 46080),  # 45 -> 11 -> 2: 60,798
 ])
-def test_cnn_parameter_counts(length, stride, total):
+def test_cnn_parameter_counts(length, stride, total, samples):
     assert total in (65022, 73214, 54014, 70398, 60798)
     model = build_cnn(50, MTAT_SUB_CLIP, length, stride)
     assert model.count_params() == total
-    assert model.input_shape == (None, 10, MTAT_SUB_CLIP)
+    assert model.input_shape == (None, 10, samples) and cnn_input_samples(MTAT_SUB_CLIP, length, stride) == samples
     assert model.output_shape == (None, 50)
 
 
@@ -49,6 +50,28 @@ def test_demo_clip_fits_every_length_stride_pair():
     from tagger.demo import CLIP_SAMPLES
     for length, stride in [(1024, 1024), (1024, 512), (512, 512), (512, 256), (256, 256)]:
         assert cnn_frames(CLIP_SAMPLES // 10, length, stride) >= 1
+
+
+def test_cnn_takes_its_sub_clips_less_the_tail_no_frame_reads(tmp_path):
+    """At 256/256, sub-clips of 6,500 samples give 25 frames, which read the first 6,400: the model
+    takes those, cut off by the data pipeline's function, with the probabilities of the same layers
+    reading whole sub-clips; its export serves whole clips. At 12 kHz every sample counts."""
+    from tagger import export
+    from tagger.data import to_sub_clips
+    model = build_cnn(5, 6500, filters=4, dense_units=8)
+    assert model.input_shape == (None, 10, 6400)
+    assert build_cnn(5, 6500, sample_rate=12000).input_shape == (None, 10, 6500)
+    clips = np.random.default_rng(5).uniform(-1, 1, (3, 65000)).astype(np.float32)
+    sub = to_sub_clips(tf.constant(clips), 10, 6400).numpy()
+    np.testing.assert_array_equal(sub, clips.reshape(3, 10, 6500)[..., :6400])
+    x = tf.constant(clips.reshape(3, 10, 6500))
+    for name in ("strided_conv", "conv1", "pool1", "conv2", "pool2", "flatten", "dense", "sub_clip_probabilities",
+                 "probabilities"):
+        x = model.get_layer(name)(x)
+    np.testing.assert_allclose(model(sub).numpy(), x.numpy(), atol=1e-6)
+    out = export.export(model, "cnn", str(tmp_path / "cnn"), list("abcde"), 65000, {})
+    served = tf.saved_model.load(out).signatures["serving_default"](waveform=tf.constant(clips))
+    np.testing.assert_allclose(served["probabilities"].numpy(), model(sub).numpy(), atol=1e-6)
 
 
 def test_cnn_averages_its_sub_clips():

@@ -247,10 +247,10 @@ strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 manifest = data.load_manifest(sys.argv[1])
 config = train.Config(arch="cnn", data=sys.argv[1], epochs=1, batch_size=4, optimizer="sgd", lr=0.05,
                       momentum=0.9, width=0.25, precision=sys.argv[2])
-x, y = next(iter(data.dataset(sys.argv[1], "train", "cnn", 12, manifest)))
-batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
 keras.utils.set_random_seed(0)
 one = train.compile_model(train.build_model(config, manifest), config)
+x, y = next(iter(data.dataset(sys.argv[1], "train", "cnn", 12, manifest, sub_clip_samples=one.input_shape[-1])))
+batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
 keras.utils.set_random_seed(0)
 with strategy.scope():
     two = train.compile_model(train.build_model(config, manifest), config, replicas=2)

@@ -256,12 +256,13 @@ def run(args):
 
     from tagger import data
     manifest = data.load_manifest(config.data)
-    train.build_model(config, manifest)    # a length/stride that does not fit the clips: one line now
+    model = train.build_model(config, manifest)    # a length/stride that does not fit the clips: one line now
     check_search_folder(out, config, grid)
     tuner = make_tuner(config, grid, manifest, out)
-    train_ds = data.dataset(config.data, "train", config.arch, config.batch_size, manifest,
-                            shuffle_seed=config.seed, shuffle_buffer=config.shuffle_buffer)
-    valid_ds = data.dataset(config.data, "valid", config.arch, config.batch_size, manifest)
+    keep = model.input_shape[-1] if config.arch == "cnn" else None
+    train_ds = data.dataset(config.data, "train", config.arch, config.batch_size, manifest, shuffle_seed=config.seed,
+                            shuffle_buffer=config.shuffle_buffer, sub_clip_samples=keep)
+    valid_ds = data.dataset(config.data, "valid", config.arch, config.batch_size, manifest, sub_clip_samples=keep)
     tuner.search(train_ds, validation_data=valid_ds, epochs=config.epochs,
                  verbose=1 if sys.stdout.isatty() else 2,
                  callbacks=[keras.callbacks.TensorBoard(f"{out}/tensorboard", update_freq="epoch", profile_batch=0),
