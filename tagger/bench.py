@@ -397,7 +397,7 @@ def table(r):
         value = r.get(key)
         lines.append(f"| {label} | {'n/a' if value is None else f'{value:.2f}'} | {r.get(rss, '')} | {note} |")
 
-    row("pipeline, CNN layout (10 x 46,600)", "pipeline_cnn_clips_per_s", "pipeline_peak_rss_mb")
+    row("pipeline, CNN layout (10 x 46,592)", "pipeline_cnn_clips_per_s", "pipeline_peak_rss_mb")
     row("pipeline, CRNN layout (466,000)", "pipeline_crnn_clips_per_s", "pipeline_peak_rss_mb",
         f"{r['pipeline_vs_crnn_train']:.0f} x CRNN training")
     row("front end (resample + log-mel)", "frontend_clips_per_s", "frontend_peak_rss_mb",
