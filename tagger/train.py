@@ -31,10 +31,11 @@ STUDY = {
 }
 # The demo's own settings: a few hundred short synthetic clips on a laptop CPU. Adam (1e-3 for the
 # CNN, 2e-3 for the CRNN) and a faster batch-norm average converge in the few hundred steps the demo
-# affords; the study's SGD and 1e-4 do not.
+# affords; the study's SGD and 1e-4 do not. The CRNN's fifth epoch is margin: after four, its test
+# ROC-AUC moved between 0.845 and 0.869 with the float32 rounding of front-end changes.
 DEMO = {
     "cnn": dict(optimizer="adam", lr=1e-3, epochs=40),
-    "crnn": dict(lr=2e-3, bn_momentum=0.9, epochs=4),
+    "crnn": dict(lr=2e-3, bn_momentum=0.9, epochs=5),
 }
 # Keras dtype policies for the convolutional layers (models.py): float32, or 16-bit arithmetic with
 # float32 weights for GPUs and CPUs with 16-bit matrix units; what each adds to a run's name.
