@@ -225,6 +225,10 @@ def forward_flops(model):
 
     from tagger.features import LogMelSpectrogram, Resample
     from tagger.models import StridedConv1D
+
+    def resampling(resample, input_shape):       # `width` multiply-adds per output sample
+        return 2 * resample.width * int(np.prod(resample.compute_output_shape(input_shape)[1:]))
+
     total = 0
     for layer in model.layers:
         out = layer.output.shape
@@ -240,12 +244,12 @@ def forward_flops(model):
             steps, cin = layer.input.shape[1], layer.input.shape[2]
             total += steps * 3 * 2 * (cin * layer.units + layer.units * layer.units)
         elif isinstance(layer, Resample):
-            total += 2 * layer.width * int(np.prod(out[1:]))      # `width` multiply-adds per output sample
+            total += resampling(layer, layer.input.shape)
         elif isinstance(layer, LogMelSpectrogram):
             frames, n = out[-1], layer.fft_length
             total += frames * (5 * n * math.log2(n) + 2 * (n // 2 + 1) * layer.num_mel_bins)
             if layer.resample is not None:
-                total += 2 * layer.resample.width * layer.resample.output_length(layer.input.shape[-1])
+                total += resampling(layer.resample, layer.input.shape)
     return int(total)
 
 

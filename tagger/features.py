@@ -183,9 +183,8 @@ class LogMelSpectrogram(keras.layers.Layer):
         self.sequence_stride = int(sequence_stride)
         self.num_mel_bins = int(num_mel_bins)
         self.amin = float(amin)
-        self.mel_matrix = tf.constant(
-            slaney_mel_matrix(self.sample_rate, self.fft_length, self.num_mel_bins), tf.float32)
-        self.mel_rows = tf.transpose(self.mel_matrix)      # [num_mel_bins, bins]
+        self.mel_rows = tf.constant(     # [num_mel_bins, bins]
+            slaney_mel_matrix(self.sample_rate, self.fft_length, self.num_mel_bins).T, tf.float32)
 
     def build(self, input_shape):
         if self.resample is not None:
