@@ -5,7 +5,7 @@ import pytest
 import scipy.signal
 import tensorflow as tf
 
-from tagger.features import LogMelSpectrogram, Resample, slaney_mel_matrix
+from tagger.features import PARALLEL_CLIPS, LogMelSpectrogram, Resample, slaney_mel_matrix
 
 
 def _signals(n, batch=3, seed=0):
@@ -94,15 +94,18 @@ def test_log_mel_with_input_rate_resamples_first():
 
 @pytest.mark.parametrize("input_rate", [None, 16000])
 def test_log_mel_clip_by_clip_equals_batched(input_rate):
-    """On a CPU the traced layer loops over the clips; each keeps its place and its batched values,
-    for any batch size the graph is called with."""
+    """On a CPU the traced layer computes clip by clip, in one chain per clip up to PARALLEL_CLIPS
+    clips and in a loop beyond; each clip keeps its place and its batched values, for any batch size
+    the graph is called with."""
     layer = LogMelSpectrogram(input_rate=input_rate)
     fn = tf.function(layer, input_signature=[tf.TensorSpec((None, 12000), tf.float32)])
-    ops = {op.type for op in fn.get_concrete_function().graph.get_operations()}
-    assert "While" in ops or "StatelessWhile" in ops
-    gains = np.array([1.0, 0.5, 0.9, 0.3, 0.7], np.float32)[:, None]      # 5 different clips
-    x = np.concatenate([_signals(12000, seed=s) for s in range(2)])[:5] * gains
-    for batch in (x[:1], x):
+    graph = fn.get_concrete_function().graph.as_graph_def()
+    assert {node.op for node in graph.node} & {"If", "StatelessIf"}
+    assert {node.op for f in graph.library.function for node in f.node_def} & {"While", "StatelessWhile"}
+    n = PARALLEL_CLIPS + 3
+    gains = np.linspace(1.0, 0.2, n, dtype=np.float32)[:, None]      # n different clips
+    x = np.concatenate([_signals(12000, seed=s) for s in range(-(-n // 3))])[:n] * gains
+    for batch in (x[:1], x[:5], x[:PARALLEL_CLIPS], x):
         got = fn(batch).numpy()
         assert got.shape[0] == len(batch)
         _assert_close_where_audible(got, layer.batched(batch).numpy())
