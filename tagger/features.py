@@ -166,13 +166,11 @@ class LogMelSpectrogram(keras.layers.Layer):
 
     On a CPU the batch is computed clip by clip, resampling and spectrogram together: the clips run
     side by side on TensorFlow's inter-op threads, where one batched FFT keeps few cores busy, and
-    each works on a few MB of intermediates instead of a batch's hundreds. A batch of up to
-    `PARALLEL_CLIPS` clips (training's and the bench's 16) takes that many independent chains of ops,
-    one clip each (the chains past the batch get no clip); a larger one loops over its clips
-    (`tf.map_fn`, `PARALLEL_CLIPS` at a time), which bounds memory but pays the loop's per-clip
-    overhead. Same values, faster on many cores (measured in the README's Performance). With a GPU
-    visible when the layer is traced, the batch is one set of batched ops (`batched`), as GPUs want;
-    a model traced (exported) on one kind of machine keeps that graph.
+    each works on a few MB of intermediates instead of a batch's hundreds (`tf.map_fn` over the
+    clips' indices, up to `PARALLEL_CLIPS` clips at a time). Same values, faster on many cores
+    (measured in the README's Performance). With a GPU visible when the layer is traced, the batch
+    is one set of batched ops (`batched`), as GPUs want; a model traced (exported) on one kind of
+    machine keeps that graph.
     """
 
     def __init__(self, sample_rate=12000, fft_length=512, sequence_stride=256, num_mel_bins=96,
@@ -206,14 +204,12 @@ class LogMelSpectrogram(keras.layers.Layer):
     def call(self, x):
         if tf.config.list_logical_devices("GPU"):
             return self.batched(x)
-
-        def chains():
-            return tf.concat([self.batched(x[i:i + 1]) for i in range(PARALLEL_CLIPS)], 0)
-
-        def loop():
-            return tf.map_fn(lambda clip: self.batched(clip[None])[0], x, parallel_iterations=PARALLEL_CLIPS)
-
-        return tf.cond(tf.shape(x)[0] <= PARALLEL_CLIPS, chains, loop)
+        # Over the clips' indices, not the clips: each iteration slices its own clip, in parallel,
+        # where mapping over `x` would first copy the whole batch into a list, in one op.
+        y = tf.map_fn(lambda i: self.batched(x[i:i + 1])[0], tf.range(tf.shape(x)[0]),
+                      fn_output_signature=tf.float32, parallel_iterations=PARALLEL_CLIPS)
+        y.set_shape([x.shape[0], *y.shape[1:]])
+        return y
 
     def batched(self, x):
         """The spectrogram of the whole batch as one set of batched ops (what `call` does on a GPU)."""
