@@ -107,8 +107,8 @@ class Resample(keras.layers.Layer):
         padded = tf.pad(flat, [[0, 0], [self.left_pad, tf.maximum(total - n_in - self.left_pad, 0)]])
         padded = tf.reshape(padded[:, :total], [tf.shape(flat)[0], blocks + m - 1, self.down * k])
         # One product of every block with all m matrices (fewer, larger ops than m products of
-        # overlapping slices: 1.06 to 1.13 x the front end on 2 cores); output block b sums column group j
-        # of block b + j.
+        # overlapping slices: 1.06 to 1.13 x the front end on 2 cores); output block b sums
+        # column group j of block b + j.
         products = tf.matmul(padded, self.matrix)
         o = self.up * k
         y = tf.add_n([products[:, j:j + blocks, j * o:(j + 1) * o] for j in range(m)])
