@@ -83,7 +83,6 @@ class Resample(keras.layers.Layer):
         self.width = kernel.shape[0]
         self.block_phases = max(1, -(-32 // self.down))      # k: output samples per phase and block
         matrices = block_matrices(kernel, self.up, self.down, self.block_phases)
-        self.num_matrices = len(matrices)
         self.matrix = tf.constant(np.concatenate(matrices, axis=1), tf.float32)   # [down * k, m * up * k]
 
     def output_length(self, n_in):
@@ -101,7 +100,8 @@ class Resample(keras.layers.Layer):
         flat = tf.reshape(x, [-1, n_in])
         n_out = (n_in * self.up + self.down - 1) // self.down
         per_phase = (self.n_pre_remove + n_out + self.up - 1) // self.up
-        k, m = self.block_phases, self.num_matrices
+        k, o = self.block_phases, self.up * self.block_phases      # o: output samples per block
+        m = self.matrix.shape[1] // o                                  # blocks each output block reads
         blocks = (per_phase + k - 1) // k
         total = self.down * k * (blocks + m - 1)
         padded = tf.pad(flat, [[0, 0], [self.left_pad, tf.maximum(total - n_in - self.left_pad, 0)]])
@@ -110,7 +110,6 @@ class Resample(keras.layers.Layer):
         # overlapping slices: 1.06 to 1.13 x the front end on 2 cores); output block b sums
         # column group j of block b + j.
         products = tf.matmul(padded, self.matrix)
-        o = self.up * k
         y = tf.add_n([products[:, j:j + blocks, j * o:(j + 1) * o] for j in range(m)])
         y = tf.reshape(y, [tf.shape(flat)[0], blocks * o])
         y = y[:, self.n_pre_remove:self.n_pre_remove + n_out]
