@@ -1,18 +1,19 @@
 """Benchmark: clips per second of each stage, on random data of MagnaTagATune's real shapes.
 
-    python -m tagger.bench [--json PATH] [--quick] [--peer PYTHON] [--rounds N] [--precision P]
+    python -m tagger.bench [--json PATH] [--quick] [--peer PYTHON] [--rounds N] [--precision P] [--archs a,b]
 
 Clips of 29.125 s (466,000 samples at 16 kHz) and 50 tags, through the project's own code: TFRecord
-shards written as tagger.prepare writes them and read by tagger.data's pipeline; the CRNN's front
-end (LogMelSpectrogram with its resampling); tagger.train's models, compiled as tagger.train
-compiles them and stepped by model.fit (from tensors in memory, so the step alone is timed); the
-exported SavedModel's serving_default. Each stage runs in its own process after a warm-up, so its peak
-resident memory is its own. The stages but predict and matmul run in --rounds rounds; with --peer,
-../shared/bench/peer_torch.py (the same two models in PyTorch) runs under that interpreter after ours
-in each round. Speeds are medians over the rounds, ratios medians of each round's ratio.
---precision mixed_bfloat16 or mixed_float16 times the training stages with tagger.train's
---precision (the peer stays float32; exports are float32 either way). Speed goals live here, never in
-the tests.
+shards written as tagger.prepare writes them and read by tagger.data's training pipeline, in each
+family's layout; the CRNN's front end (LogMelSpectrogram with its resampling); every registered
+family's model (or those of --archs) with its study preset, compiled as tagger.train compiles it and
+stepped by model.fit (from tensors in memory, so the step alone is timed; a short-chunk family's
+examples are chunks); the default family's exported SavedModel's serving_default. Each stage runs in
+its own process after a warm-up, so its peak resident memory is its own. The stages but predict and
+matmul run in --rounds rounds; with --peer, ../shared/bench/peer_torch.py (the families in PyTorch)
+runs under that interpreter after ours in each round. Speeds are medians over the rounds, ratios
+medians of each round's ratio. --precision mixed_bfloat16 or mixed_float16 times the training stages
+with tagger.train's --precision (the peer stays float32; exports are float32 either way). Speed goals
+live here, never in the tests.
 """
 import argparse
 import json
@@ -26,18 +27,21 @@ import sys
 import tempfile
 import time
 
+from tagger import models
 from tagger.cli import EXIT_OK, ArgumentParser, UsageError, main_guard, positive_int, quiet_tensorflow
-from tagger.train import PRECISIONS
+from tagger.config import PRECISIONS, arch_list
 
 PROG = "python -m tagger.bench"
 CLIP_SAMPLES = 466_000
 NUM_TAGS = 50
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEER = os.path.join(ROOT, "..", "shared", "bench", "peer_torch.py")
-# (full, quick) sizes of each stage: timed steps after the warm-up
+# (full, quick) sizes of each stage: timed steps after the warm-up; training runs steps for at least
+# train_seconds (and train_steps) after warm-up steps of at least warmup_seconds.
 SIZES = {"pipeline_clips": (96, 40), "pipeline_seconds": (4.0, 1.5), "frontend_steps": (16, 2),
-         "librosa_clips": (16, 2), "cnn_steps": (40, 15), "crnn_steps": (4, 2), "predict_steps": (3, 1)}
-STAGES = ("pipeline", "frontend", "librosa", "cnn_train", "crnn_train", "predict", "matmul")
+         "librosa_clips": (16, 2), "train_seconds": (10.0, 3.0), "train_steps": (3, 2), "warmup_seconds": (1.0, 0.5),
+         "predict_steps": (3, 1)}
+STAGES = ("pipeline", "frontend", "librosa", *(f"{name}_train" for name in models.names()), "predict", "matmul")
 
 
 def parse_args(argv):
@@ -50,6 +54,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1, help="threads for the peer")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="float32",
                    help="tagger.train's --precision for the training stages (default: float32)")
+    p.add_argument("--archs", type=arch_list, default=models.names(),
+                   help=f"the families whose training is timed (default: all, {','.join(models.names())})")
     p.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)   # one stage, run by the driver
     args = p.parse_args(argv)
     if args.peer and not os.path.isfile(PEER):
@@ -72,14 +78,12 @@ def peak_rss_mb():
 # ---------------------------------------------------------------------------------------------
 # Stages (each runs in its own process: python -m tagger.bench --stage NAME)
 
-def stage_pipeline(quick):
-    """TFRecord shards on disk -> batched, scaled, sliced tensors, for both layouts."""
+def stage_pipeline(quick, archs):
+    """TFRecord shards on disk -> batched, scaled, arranged training tensors, in each family's layout."""
     import numpy as np
     import tensorflow as tf
 
     from tagger import data, prepare
-    from tagger.data import NUM_SUB_CLIPS
-    from tagger.models import cnn_input_samples
     clips = _size("pipeline_clips", quick)
     rng = np.random.default_rng(0)
     result = {}
@@ -96,18 +100,18 @@ def stage_pipeline(quick):
             names.append(name)
         manifest = {"tags": [f"tag{i}" for i in range(NUM_TAGS)], "clip_samples": CLIP_SAMPLES,
                     "sample_rate": 16000, "splits": {"train": {"clips": clips, "shards": names}}}
-        keep = cnn_input_samples(CLIP_SAMPLES // NUM_SUB_CLIPS, 256, 256)
-        for layout, batch in (("cnn", 10), ("crnn", 16)):
-            ds = data.dataset(tmp, "train", layout, batch, manifest, shuffle_seed=0, shuffle_buffer=64,
-                              sub_clip_samples=keep if layout == "cnn" else None)
+        for family in {models.get(name).layout: models.get(name) for name in archs}.values():
+            model, config, _, _ = _model_and_batch(family, "float32")
+            ds = data.dataset(tmp, "train", family.layout, config.batch_size, manifest, shuffle_seed=0,
+                              shuffle_buffer=64, input_shape=model.input_shape)
             for _ in ds.take(2):       # warm-up: open files, start threads
                 pass
             n, start = 0, time.perf_counter()
             while time.perf_counter() - start < _size("pipeline_seconds", quick):
                 for waves, _ in ds:
                     n += int(waves.shape[0])
-            result[f"pipeline_{layout}_clips_per_s"] = n / (time.perf_counter() - start)
-    result["pipeline_clips_per_s"] = min(result["pipeline_cnn_clips_per_s"], result["pipeline_crnn_clips_per_s"])
+            result[f"pipeline_{family.layout.name}_clips_per_s"] = n / (time.perf_counter() - start)
+            result[f"pipeline_{family.layout.name}_shape"] = "x".join(str(d) for d in waves.shape[1:])
     return result
 
 
@@ -155,53 +159,66 @@ def stage_librosa(quick):
     return {"librosa_clips_per_s": len(clips) / (time.perf_counter() - start)}
 
 
-def _model_and_batch(arch, precision):
-    import dataclasses
-
+def _model_and_batch(family, precision):
+    """The family's model with its study preset (the CNN at 256/256), compiled as tagger.train does,
+    and a batch of random inputs of MTAT's shapes (one chunk per example for the chunk families)."""
     import numpy as np
 
+    from tagger import config as configs
     from tagger import train
-    config = train.Config(arch=arch, data="bench", **{**train.STUDY[arch], "epochs": 1})
-    config = dataclasses.replace(config, length=256, stride=256, precision=precision)
+    config = configs.preset_config(family, "bench", epochs=1, precision=precision)
     manifest = {"tags": [f"t{i}" for i in range(NUM_TAGS)], "clip_samples": CLIP_SAMPLES}
     model = train.compile_model(train.build_model(config, manifest), config)
     rng = np.random.default_rng(0)
     batch = config.batch_size
-    x = rng.uniform(-1, 1, (batch, *model.input_shape[1:])).astype(np.float32)
+    x = rng.uniform(-1, 1, (batch, *(1 if d is None else d for d in model.input_shape[1:]))).astype(np.float32)
     y = (rng.uniform(size=(batch, NUM_TAGS)) < 0.1).astype(np.float32)
     return model, config, x, y
 
 
-def stage_train(arch, quick, precision):
-    """Training steps of tagger.train's model and compile (CNN 256/256, 10 clips; CRNN 16 clips)."""
-    import tensorflow as tf
-    model, config, x, y = _model_and_batch(arch, precision)
+def stage_train(name, quick, precision):
+    """Training steps of tagger.train's model and compile, for at least `train_seconds`."""
     import keras
+    import tensorflow as tf
+
+    from tagger.models.flops import forward_flops
+    model, config, x, y = _model_and_batch(models.get(name), precision)
     ds = tf.data.Dataset.from_tensors((x, y)).repeat()
-    steps = _size(f"{arch}_steps", quick)
     ends = []
-    clock = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: ends.append(time.perf_counter()))
-    # The first steps trace and allocate; the timed steps run from the end of the warm-up to the end
-    # of the last step, inside one fit, as an epoch of tagger.train does.
-    warmup = 3 if arch == "cnn" else 1
-    model.fit(ds, steps_per_epoch=warmup + steps, epochs=1, verbose=0, callbacks=[clock])
-    seconds = ends[-1] - ends[warmup - 1]
-    return {f"{arch}_train_clips_per_s": steps * config.batch_size / seconds,
-            f"{arch}_forward_flops_per_clip": forward_flops(model)}
+
+    def on_batch_end(batch, logs):
+        # The first steps trace and allocate (warm-up: the first step and those within warmup_seconds of
+        # its end); the timed steps run from the end of the warm-up to the end of the last step, inside
+        # one fit, as an epoch of tagger.train does.
+        ends.append(time.perf_counter())
+        warm = [i for i, t in enumerate(ends) if i and t - ends[0] >= _size("warmup_seconds", quick)]
+        if warm and len(ends) - 1 - warm[0] >= _size("train_steps", quick) and (
+                ends[-1] - ends[warm[0]] >= _size("train_seconds", quick)):
+            model.stop_training = True
+
+    model.fit(ds, steps_per_epoch=100_000, epochs=1, verbose=0,
+              callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=on_batch_end)])
+    first = next(i for i, t in enumerate(ends) if i and t - ends[0] >= _size("warmup_seconds", quick))
+    steps = len(ends) - 1 - first
+    return {f"{name}_train_clips_per_s": steps * config.batch_size / (ends[-1] - ends[first]),
+            f"{name}_train_batch": [config.batch_size, *x.shape[1:]],
+            f"{name}_forward_flops_per_clip": forward_flops(model)}
 
 
 def stage_predict(quick):
-    """The exported CRNN SavedModel's serving_default on batches of 16 clips."""
+    """The default family's exported SavedModel, serving_default on batches of 16 clips."""
     import tensorflow as tf
 
     from tagger import export
-    model, _, x, _ = _model_and_batch("crnn", "float32")    # tagger.train exports float32 always
+    family = models.get(models.DEFAULT)
+    model, _, _, _ = _model_and_batch(family, "float32")    # tagger.train exports float32 always
+    x = tf.random.uniform((16, CLIP_SAMPLES), -1, 1, seed=0)
     with tempfile.TemporaryDirectory(prefix="tagger-bench-") as tmp:
-        out = export.export(model, "crnn", f"{tmp}/crnn", [f"t{i}" for i in range(NUM_TAGS)], CLIP_SAMPLES, {})
+        out = export.export(model, family.layout, f"{tmp}/model", [f"t{i}" for i in range(NUM_TAGS)],
+                            CLIP_SAMPLES, {})
         serve = tf.saved_model.load(out).signatures["serving_default"]
-        x = tf.constant(x)
         seconds = _time_calls(lambda: serve(waveform=x)["probabilities"].numpy(), _size("predict_steps", quick))
-    return {"predict_clips_per_s": 16 / seconds}
+    return {"predict_clips_per_s": 16 / seconds, "predict_family": family.name}
 
 
 def stage_matmul(quick):
@@ -215,52 +232,14 @@ def stage_matmul(quick):
     return {"matmul_gflops": 2 * n ** 3 / seconds / 1e9}
 
 
-def forward_flops(model):
-    """Multiply-adds x 2 of one clip's forward pass, counted layer by layer from the output shapes:
-    convolutions, dense layers, GRUs, the resampling filter, the STFT (5 N log2 N per frame) and the
-    mel projection. Elementwise work (batch norm, activations, pooling) is left out."""
-    import math
-
-    import keras
-    import numpy as np
-
-    from tagger.features import LogMelSpectrogram, Resample
-    from tagger.models import StridedConv1D
-
-    def resampling(resample, input_shape):       # `width` multiply-adds per output sample
-        return 2 * resample.width * int(np.prod(resample.compute_output_shape(input_shape)[1:]))
-
-    total = 0
-    for layer in model.layers:
-        out = layer.output.shape
-        if isinstance(layer, keras.layers.Conv2D):
-            kh, kw = layer.kernel_size
-            cin = layer.input.shape[-1]
-            total += 2 * kh * kw * cin * layer.filters * int(np.prod(out[1:-1]))
-        elif isinstance(layer, StridedConv1D):
-            total += 2 * layer.length * layer.filters * int(np.prod(out[1:-1]))
-        elif isinstance(layer, keras.layers.Dense):
-            total += 2 * layer.input.shape[-1] * layer.units * int(np.prod(out[1:-1] or [1]))
-        elif isinstance(layer, keras.layers.GRU):
-            steps, cin = layer.input.shape[1], layer.input.shape[2]
-            total += steps * 3 * 2 * (cin * layer.units + layer.units * layer.units)
-        elif isinstance(layer, Resample):
-            total += resampling(layer, layer.input.shape)
-        elif isinstance(layer, LogMelSpectrogram):
-            frames, n = out[-1], layer.fft_length
-            total += frames * (5 * n * math.log2(n) + 2 * (n // 2 + 1) * layer.num_mel_bins)
-            if layer.resample is not None:
-                total += resampling(layer.resample, layer.input.shape)
-    return int(total)
-
-
-def run_stage(name, quick, precision):
+def run_stage(name, quick, precision, archs):
     quiet_tensorflow()
-    fn = {"pipeline": stage_pipeline, "frontend": stage_frontend, "librosa": stage_librosa,
-          "cnn_train": lambda q: stage_train("cnn", q, precision),
-          "crnn_train": lambda q: stage_train("crnn", q, precision),
-          "predict": stage_predict, "matmul": stage_matmul}[name]
-    result = fn(quick)
+    if name.endswith("_train"):
+        result = stage_train(name[:-len("_train")], quick, precision)
+    else:
+        fn = {"pipeline": lambda q: stage_pipeline(q, archs), "frontend": stage_frontend, "librosa": stage_librosa,
+              "predict": stage_predict, "matmul": stage_matmul}[name]
+        result = fn(quick)
     result[f"{name}_peak_rss_mb"] = peak_rss_mb()
     print("BENCH " + json.dumps(result))
     return EXIT_OK
@@ -281,8 +260,8 @@ def _subprocess(cmd, label, cwd=None):
     return r.stdout
 
 
-def our_stage(name, quick, precision):
-    cmd = [sys.executable, "-m", "tagger.bench", "--stage", name, "--precision", precision]
+def our_stage(name, quick, precision, archs):
+    cmd = [sys.executable, "-m", "tagger.bench", "--stage", name, "--precision", precision, "--archs", ",".join(archs)]
     cmd += ["--quick"] if quick else []
     out = _subprocess(cmd, name, cwd=ROOT)
     line = [ln for ln in out.splitlines() if ln.startswith("BENCH ")][-1]
@@ -290,13 +269,11 @@ def our_stage(name, quick, precision):
 
 
 def peer_run(python, threads):
-    out = _subprocess([python, PEER, str(threads)], "peer (PyTorch)")
-    values = {}
-    for key, pattern in (("cnn", r"cnn\s+train clips/s ([0-9.]+)"), ("crnn", r"crnn train clips/s ([0-9.]+)"),
-                         ("version", r"torch (\S+)")):
-        m = re.search(pattern, out)
-        values[key] = (m.group(1) if key == "version" else float(m.group(1))) if m else None
-    return values
+    """{family name: train clips/s, "version": torch version} from the peer's output (`zoo`: all its models)."""
+    out = _subprocess([python, PEER, str(threads), "zoo"], "peer (PyTorch)")
+    values = {name: float(rate) for name, rate in re.findall(r"^(\w+)\s+train clips/s ([0-9.]+)", out, re.M)}
+    version = re.search(r"torch (\S+)", out)
+    return {**values, "version": version.group(1) if version else None}
 
 
 def machine():
@@ -308,32 +285,33 @@ def machine():
         pass
     import tensorflow as tf
 
-    from tagger.models import CPU_16BIT_FLAGS, cpu_flags, onednn_cpu
+    from tagger.kernels import CPU_16BIT_FLAGS, cpu_flags, onednn_cpu
     gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
     return {"cpu": model, "cores": os.cpu_count(), "gpus": gpus, "tensorflow": tf.__version__,
             "python": platform.python_version(), "onednn": onednn_cpu(),
             "bf16": bool(cpu_flags() & set(CPU_16BIT_FLAGS["mixed_bfloat16"]))}
 
 
-# Stages run in every round, alternating with the peer, so that each ratio compares runs made in the
-# same minutes (these machines' speed drifts by 2 x within an hour); predict and matmul run once.
-ROUND_STAGES = ("pipeline", "frontend", "librosa", "cnn_train", "crnn_train")
+def round_stages(archs):
+    """Stages run in every round, alternating with the peer, so that each ratio compares runs made in
+    the same minutes (these machines' speed drifts by 2 x within an hour); predict and matmul run once."""
+    return ("pipeline", "frontend", "librosa", *(f"{name}_train" for name in archs))
 
 
 def run(args):
     if args.stage:
-        return run_stage(args.stage, args.quick, args.precision)
+        return run_stage(args.stage, args.quick, args.precision, args.archs)
     quick = args.quick
     rounds = args.rounds or (1 if quick else 2)
     print(f"Benchmark ({'quick' if quick else 'full'}, {rounds} round(s)"
           + (f" alternating with {args.peer}" if args.peer else "") + "):", file=sys.stderr)
     once = {}
     for name in ("predict", "matmul"):
-        once.update(our_stage(name, quick, args.precision))
-    runs, peer_runs = {name: [] for name in ROUND_STAGES}, []
+        once.update(our_stage(name, quick, args.precision, args.archs))
+    runs, peer_runs = {name: [] for name in round_stages(args.archs)}, []
     for _ in range(rounds):
-        for name in ROUND_STAGES:
-            runs[name].append(our_stage(name, quick, args.precision))
+        for name in runs:
+            runs[name].append(our_stage(name, quick, args.precision, args.archs))
         if args.peer:
             peer_runs.append(peer_run(args.peer, args.threads))
     results = summarize(once, runs, peer_runs)
@@ -371,21 +349,24 @@ def summarize(once, runs, peer_runs):
     def per_round(a, a_stage, b, b_stage):
         return statistics.median(x[a] / y[b] for x, y in zip(runs[a_stage], runs[b_stage]))
 
-    for arch in ("cnn", "crnn"):
-        flops = 3 * results[f"{arch}_forward_flops_per_clip"]    # forward + backward
-        results[f"{arch}_train_gflops"] = flops * results[f"{arch}_train_clips_per_s"] / 1e9
+    archs = [stage[:-len("_train")] for stage in runs if stage.endswith("_train")]
+    results["archs"] = archs
+    for name in archs:
+        flops = 3 * results[f"{name}_forward_flops_per_clip"]    # forward + backward
+        results[f"{name}_train_gflops"] = flops * results[f"{name}_train_clips_per_s"] / 1e9
+        pipeline = f"pipeline_{models.get(name).layout.name}_clips_per_s"
+        if pipeline in results:
+            results[f"pipeline_vs_{name}_train"] = per_round(pipeline, "pipeline", f"{name}_train_clips_per_s",
+                                                             f"{name}_train")
     if peer_runs:
-        results["peer"] = {"torch": peer_runs[0]["version"],
-                           "cnn_train_clips_per_s": statistics.median(p["cnn"] for p in peer_runs),
-                           "crnn_train_clips_per_s": statistics.median(p["crnn"] for p in peer_runs),
-                           "runs": peer_runs}
-        for arch in ("cnn", "crnn"):
-            results[f"{arch}_train_vs_peer"] = statistics.median(
-                ours[f"{arch}_train_clips_per_s"] / p[arch] for ours, p in zip(runs[f"{arch}_train"], peer_runs))
+        results["peer"] = {"torch": peer_runs[0]["version"], "runs": peer_runs}
+        for name in archs:
+            if all(p.get(name) for p in peer_runs):
+                results["peer"][f"{name}_train_clips_per_s"] = statistics.median(p[name] for p in peer_runs)
+                results[f"{name}_train_vs_peer"] = statistics.median(
+                    ours[f"{name}_train_clips_per_s"] / p[name] for ours, p in zip(runs[f"{name}_train"], peer_runs))
     if results.get("librosa_clips_per_s"):
         results["frontend_vs_librosa"] = per_round("frontend_clips_per_s", "frontend", "librosa_clips_per_s", "librosa")
-    results["pipeline_vs_crnn_train"] = per_round("pipeline_clips_per_s", "pipeline", "crnn_train_clips_per_s",
-                                                  "crnn_train")
     return results
 
 
@@ -402,21 +383,28 @@ def table(r):
         value = r.get(key)
         lines.append(f"| {label} | {'n/a' if value is None else f'{value:.2f}'} | {r.get(rss, '')} | {note} |")
 
-    row("pipeline, CNN layout (10 x 46,592)", "pipeline_cnn_clips_per_s", "pipeline_peak_rss_mb")
-    row("pipeline, CRNN layout (466,000)", "pipeline_crnn_clips_per_s", "pipeline_peak_rss_mb",
-        f"{r['pipeline_vs_crnn_train']:.0f} x CRNN training")
+    layouts = {}
+    for name in r["archs"]:
+        layouts.setdefault(models.get(name).layout.name, []).append(name)
+    for layout, names in layouts.items():
+        feeds = ", ".join(f"{r[f'pipeline_vs_{n}_train']:.3g} x {n}" for n in names if f"pipeline_vs_{n}_train" in r)
+        row(f"pipeline, {layout.replace('_', ' ')} ({r.get(f'pipeline_{layout}_shape', '?')} per clip)",
+            f"pipeline_{layout}_clips_per_s", "pipeline_peak_rss_mb", f"feeds {feeds} training" if feeds else "")
     row("front end (resample + log-mel)", "frontend_clips_per_s", "frontend_peak_rss_mb",
         f"{r['frontend_vs_librosa']:.1f} x librosa" if r.get("frontend_vs_librosa") else "")
     row("librosa (resample_poly + melspectrogram + dB)", "librosa_clips_per_s", "librosa_peak_rss_mb",
         r.get("librosa_note", ""))
-    for arch, batch in (("cnn", 10), ("crnn", 16)):
-        note = (f"{r[arch + '_forward_flops_per_clip'] / 1e9:.2f} GFLOP forward/clip, "
-                f"{r[arch + '_train_gflops']:.1f} GFLOP/s achieved")
-        if "peer" in r:
-            note += f"; {r[arch + '_train_vs_peer']:.2f} x PyTorch ({r['peer'][arch + '_train_clips_per_s']:.2f} clips/s)"
-        row(f"{arch.upper()} training, {batch} clips a batch", f"{arch}_train_clips_per_s", f"{arch}_train_peak_rss_mb",
-            note)
-    row("predict, exported CRNN (serving_default, 16 clips)", "predict_clips_per_s", "predict_peak_rss_mb")
+    for name in r["archs"]:
+        batch = r.get(f"{name}_train_batch") or ["?"]
+        note = (f"{r[name + '_forward_flops_per_clip'] / 1e9:.2f} GFLOP forward/example, "
+                f"{r[name + '_train_gflops']:.1f} GFLOP/s achieved")
+        if f"{name}_train_vs_peer" in r:
+            note += (f"; {r[name + '_train_vs_peer']:.2f} x PyTorch "
+                     f"({r['peer'][name + '_train_clips_per_s']:.2f} examples/s)")
+        row(f"{name} training, batches of {' x '.join(str(d) for d in batch)}", f"{name}_train_clips_per_s",
+            f"{name}_train_peak_rss_mb", note)
+    row(f"predict, exported {r.get('predict_family', '')} (serving_default, 16 clips)", "predict_clips_per_s",
+        "predict_peak_rss_mb")
     return "\n".join(lines)
 
 

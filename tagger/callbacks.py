@@ -24,14 +24,18 @@ def read_state(checkpoint_dir):
         return json.load(f)
 
 
-def load_weights(model, path):
-    load_via_local(model.load_weights, path)
+def load_weights(model, path, model_only=False):
+    """Load a checkpoint's weights; `model_only` leaves the optimizer's state as it is (the file may
+    hold another optimizer's: a schedule changes optimizers between phases)."""
+    skip = {"objects_to_skip": [model.optimizer]} if model_only and model.optimizer is not None else {}
+    load_via_local(lambda local: model.load_weights(local, **skip), path)
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
     """After each epoch: model and optimizer weights to a new file, then state.json naming it, then
     the previous file removed. A crash at any point leaves the previous epoch's state and weights
-    intact. Also keeps the best `monitor` epoch's weights (for --restore-best) and the history.
+    intact. Also keeps the weights of the best epoch by `monitor` (for --restore-best) and of the one
+    with the lowest validation loss (a schedule's reloads), and the history.
     """
 
     def __init__(self, checkpoint_dir, monitor="val_auc", state=None):
@@ -41,12 +45,14 @@ class EpochCheckpoint(keras.callbacks.Callback):
         state = state or {}
         self.history = state.get("history", [])
         self.best = state.get("best")
+        self.best_loss = state.get("best_loss")
         self.weights = state.get("weights")
         self.prior_seconds = state.get("train_seconds", 0.0)   # spent before a resume
         self.train_seconds = self.prior_seconds
         self.skip = False  # set by the NaN guard: never checkpoint a diverged model
 
-    def on_train_begin(self, logs=None):
+    def on_train_begin(self, logs=None):      # once per model.fit: a schedule runs one per phase
+        self.prior_seconds = self.train_seconds
         self.started = time.time()
 
     def on_epoch_end(self, epoch, logs=None):
@@ -55,24 +61,30 @@ class EpochCheckpoint(keras.callbacks.Callback):
         tf.io.gfile.makedirs(self.dir)
         logs = {k: float(v) for k, v in (logs or {}).items()}
         self.history.append({"epoch": epoch + 1, **logs})
-        value = logs.get(self.monitor)
+        stale = [self.weights]
+        self.weights = f"epoch-{epoch + 1:04d}.weights.h5"
+        save_via_local(self.model.save_weights, f"{self.dir}/{self.weights}")
+        value, loss = logs.get(self.monitor), logs.get("val_loss")
         if value is not None and (self.best is None or value > self.best["value"]):
-            name = f"best-epoch-{epoch + 1:04d}.weights.h5"
-            save_via_local(self.model.save_weights, f"{self.dir}/{name}")
-            old_best, self.best = self.best, {"epoch": epoch + 1, "value": value, "weights": name}
-        else:
-            old_best = None
-        name = f"epoch-{epoch + 1:04d}.weights.h5"
-        save_via_local(self.model.save_weights, f"{self.dir}/{name}")
-        old, self.weights = self.weights, name
+            stale.append(self.best and self.best["weights"])
+            self.best = self._keep(epoch, "best", value)
+        if loss is not None and (self.best_loss is None or loss < self.best_loss["value"]):
+            stale.append(self.best_loss and self.best_loss["weights"])
+            self.best_loss = self._keep(epoch, "best-loss", loss)
         self.train_seconds = self.prior_seconds + time.time() - self.started
-        _atomic_json(f"{self.dir}/{STATE}", {"epoch": epoch + 1, "weights": name, "history": self.history,
-                                              "best": self.best, "train_seconds": self.train_seconds})
-        for stale in (old, old_best and old_best["weights"]):
-            if stale and stale not in (self.weights, self.best and self.best["weights"]):
-                path = f"{self.dir}/{stale}"
-                if tf.io.gfile.exists(path):
-                    tf.io.gfile.remove(path)
+        _atomic_json(f"{self.dir}/{STATE}", {"epoch": epoch + 1, "weights": self.weights, "history": self.history,
+                                              "best": self.best, "best_loss": self.best_loss,
+                                              "train_seconds": self.train_seconds})
+        kept = {self.weights, self.best and self.best["weights"], self.best_loss and self.best_loss["weights"]}
+        for name in stale:
+            if name and name not in kept and tf.io.gfile.exists(f"{self.dir}/{name}"):
+                tf.io.gfile.remove(f"{self.dir}/{name}")
+
+    def _keep(self, epoch, kind, value):
+        """A copy of this epoch's weights file, kept as the best by `kind`."""
+        name = f"{kind}-epoch-{epoch + 1:04d}.weights.h5"
+        tf.io.gfile.copy(f"{self.dir}/{self.weights}", f"{self.dir}/{name}", overwrite=True)
+        return {"epoch": epoch + 1, "value": value, "weights": name}
 
 
 class NanGuard(keras.callbacks.Callback):

@@ -1,8 +1,9 @@
 """tf.data input pipelines over the converter's TFRecord shards.
 
 Shards are read in parallel (interleaved), records parsed, int16 PCM scaled to float32 in [-1, 1]
-(divided by 32768, the study's feature scaling), cut into sub-clips for the CNN or left whole for
-the CRNN, shuffled (training only, seeded), batched and prefetched.
+(divided by 32768, the study's feature scaling), arranged as the model family's layout asks (whole
+clips, sub-clips or chunks: `tagger.models.family`), shuffled (training only, seeded), batched and
+prefetched.
 """
 import json
 
@@ -54,7 +55,7 @@ def scale(pcm):
 def to_sub_clips(waveform, num_sub_clips=NUM_SUB_CLIPS, keep=None):
     """(..., samples) -> (..., num_sub_clips, keep): equal consecutive pieces of samples // num_sub_clips
     (the remainder, if any, dropped), each cut to its first `keep` samples (default: all; the CNN's
-    input length, `tagger.models.cnn_input_samples`)."""
+    input length, `tagger.models.cnn.cnn_input_samples`)."""
     samples = waveform.shape[-1]
     if samples is None:
         sub = tf.shape(waveform)[-1] // num_sub_clips
@@ -67,13 +68,12 @@ def to_sub_clips(waveform, num_sub_clips=NUM_SUB_CLIPS, keep=None):
 
 
 def dataset(data_dir, split, layout, batch_size, manifest=None, shuffle_seed=None, shuffle_buffer=1024,
-            with_ids=False, drop_remainder=False, sub_clip_samples=None):
-    """Batches of (waveforms, labels) from one split.
+            with_ids=False, drop_remainder=False, input_shape=None):
+    """Batches of (model inputs, labels) from one split.
 
     Args:
-      layout: "cnn" for (batch, 10, clip_samples // 10) sub-clips, "crnn" for (batch, clip_samples).
-      sub_clip_samples: layout "cnn" only: the first samples of each sub-clip to keep (the model's
-        input length, `model.input_shape[-1]`; default all).
+      layout: the family's layout (`tagger.models.family`), which turns a clip into the model's input.
+      input_shape: the model's input shape (`model.input_shape`), which some layouts need.
       shuffle_seed: None for evaluation (file order, no randomness); an int shuffles shards and
         records with that seed, anew each epoch.
       with_ids: also yield (clip_id, path) per clip, for per-clip outputs.
@@ -94,8 +94,7 @@ def dataset(data_dir, split, layout, batch_size, manifest=None, shuffle_seed=Non
 
     def prepare(serialized):
         pcm, labels, clip_id, path = parse_example(serialized, num_tags, manifest["clip_samples"])
-        waves = scale(pcm)
-        waves = to_sub_clips(waves, keep=sub_clip_samples) if layout == "cnn" else waves
+        waves = layout.model_input(scale(pcm), input_shape, training=training)
         return ((waves, labels, clip_id, path) if with_ids else (waves, labels))
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)

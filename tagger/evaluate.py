@@ -126,10 +126,12 @@ def run(args):
     quiet_tensorflow()
     import tensorflow as tf
     from tagger import data
+    from tagger.models import WholeClip
     manifest = data.load_manifest(data_dir)
     check_compatible(config, manifest, args.model, data_dir)
     serving = tf.saved_model.load(args.model).signatures["serving_default"]
-    ds = data.dataset(data_dir, args.split, "crnn", args.batch_size, manifest=manifest)
+    # Whole clips: the export's serving_default arranges them as its family does.
+    ds = data.dataset(data_dir, args.split, WholeClip(), args.batch_size, manifest=manifest)
     y, p = predict_dataset(lambda w: serving(waveform=w)["probabilities"], ds)
     metrics = tag_metrics(y, p, manifest["tags"])
     out = (args.out or f"{model_dir}/eval-{args.split}").rstrip("/")

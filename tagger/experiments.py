@@ -1,15 +1,18 @@
-"""The study's experiments, one command each.
+"""The study's experiments, and every family side by side, one command each.
 
     python -m tagger.experiments table2 [--data DIR] [--runs 5] [--epochs N] [training flags]
     python -m tagger.experiments repeat --arch crnn [--runs 5] [--data DIR] [training flags]
+    python -m tagger.experiments zoo [--archs cnn,crnn,...] [--runs 3] [--data DIR] [training flags]
     python -m tagger.experiments compare saved_models/A saved_models/B
 
 table2: the CNN at the five length/stride pairs, N seeds each; test ROC-AUC and PR-AUC mean ± std
-per pair (the study's Table II). repeat: one configuration over N seeds (the headline figure).
-compare: per-tag test ROC-AUC of two exports side by side with each tag's train count (Fig. 5).
-The runs are ordinary tagger.train runs (runs/<name>/, saved_models/<name>/), named from their
-settings and seed; a run whose export already exists with the same settings is reused. Any flag of
-tagger.train (--lr, --optimizer, --batch-size, --width, ...) passes through to every run.
+per pair (the study's Table II). repeat: one configuration over N seeds (the headline figure). zoo:
+every registered family (or those of --archs) with its own presets, N seeds each: parameters, FLOPs
+per clip, test ROC-AUC and PR-AUC mean ± std, training time and speed in one table. compare: per-tag
+test ROC-AUC of two exports side by side with each tag's train count (Fig. 5). The runs are
+ordinary tagger.train runs (runs/<name>/, saved_models/<name>/), named from their settings and seed;
+a run whose export already exists with the same settings is reused. Any flag of tagger.train (--lr,
+--optimizer, --batch-size, --width, ...) passes through to every run.
 """
 import dataclasses
 import json
@@ -17,12 +20,14 @@ import math
 import os
 import sys
 
-from tagger import files
+from tagger import files, models
+from tagger.config import arch_list
 from tagger.cli import (EXIT_FAILED, EXIT_OK, ArgumentParser, UsageError, main_guard, positive_int,
                         quiet_tensorflow)
+from tagger.models import cnn
 
 PROG = "python -m tagger.experiments"
-PAIRS = ((1024, 1024), (1024, 512), (512, 512), (512, 256), (256, 256))
+PAIRS = cnn.STUDY_PAIRS
 
 
 def parse_args(argv):
@@ -30,14 +35,18 @@ def parse_args(argv):
     before anything is imported or trained."""
     from tagger import train
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True, metavar="{table2,repeat,compare}")
-    for name, text in (("table2", "the CNN at the five length/stride pairs (Table II)"),
-                       ("repeat", "one configuration over several seeds")):
+    sub = p.add_subparsers(dest="command", required=True, metavar="{table2,repeat,zoo,compare}")
+    for name, text, runs in (("table2", "the CNN at the five length/stride pairs (Table II)", 5),
+                             ("repeat", "one configuration over several seeds", 5),
+                             ("zoo", "every family with its presets, side by side", 3)):
         s = sub.add_parser(name, help=text, description=text, prog=f"{PROG} {name}")
         s.error = p.error
-        s.add_argument("--runs", type=positive_int, default=5, help="seeds per configuration (default 5)")
+        s.add_argument("--runs", type=positive_int, default=runs, help=f"seeds per configuration (default {runs})")
         s.add_argument("--seed", type=int, default=0, help="the first seed (default 0)")
         s.add_argument("--out", help="folder for the tables (default: under runs/experiments/)")
+        if name == "zoo":
+            s.add_argument("--archs", type=arch_list, default=models.names(),
+                           help=f"comma-separated families (default: all, {','.join(models.names())})")
     c = sub.add_parser("compare", help="per-tag ROC-AUC of two exports (Fig. 5)", prog=f"{PROG} compare")
     c.error = p.error
     c.add_argument("models", nargs=2, metavar="MODEL", help="export folders under saved_models/")
@@ -47,13 +56,16 @@ def parse_args(argv):
         if rest:
             p.error(f"unrecognized arguments: {' '.join(rest)}")
         return args, []
-    for flag in ("--seed", "--run-name") + (("--arch", "--length", "--stride") if args.command == "table2" else ()):
+    itself = {"table2": ("--arch", "--length", "--stride"), "zoo": ("--arch",)}.get(args.command, ())
+    for flag in ("--seed", "--run-name") + itself:
         if any(a == flag or a.startswith(flag + "=") for a in rest):
             p.error(f"{flag} is set by '{args.command}' itself")
     prog = f"{PROG} {args.command}"
     if args.command == "table2":
-        rest = ["--arch", "cnn", *rest]
+        rest = ["--arch", cnn.FAMILY.name, *rest]
         grid = [["--length", str(length), "--stride", str(stride)] for length, stride in PAIRS]
+    elif args.command == "zoo":
+        grid = [["--arch", name] for name in args.archs]
     else:
         grid = [[]]
     configs = [train.config_from_args([*rest, *shape, "--seed", str(args.seed + i)], prog=prog)
@@ -65,12 +77,13 @@ def finished_metrics(config):
     """The metrics.json of an export made with exactly this config, or None."""
     import tensorflow as tf
 
+    from tagger import config as configs
     from tagger import train
     folder = f"{config.models_dir}/{config.run_name}"
     if not tf.io.gfile.exists(f"{folder}/metrics.json"):
         return None
     before = train.recorded_config(folder)
-    if before is None or train.settings_differ(before, config):
+    if before is None or configs.settings_differ(before, config):
         return None
     with tf.io.gfile.GFile(f"{folder}/metrics.json") as f:
         return json.load(f)
@@ -138,11 +151,12 @@ def write_tables(out, name, rows, label_keys, title):
     return text
 
 
-def series_name(config, runs, first_seed):
-    """A run name without its seed and CNN shape, for the folder of a series of runs."""
+def series_name(config, runs, first_seed, varied=False):
+    """A run name without its seed (and its family settings where the series `varied` them), for the
+    folder of a series of runs."""
     name = config.run_name.rsplit(f"-s{config.seed}", 1)[0]
-    if config.arch == "cnn":
-        name = name.replace(f"-l{config.length}s{config.stride}", "")
+    if varied:
+        name = name.replace(config.family.run_name.format(**config.option_values()), "")
     return f"{name}-seeds{first_seed}-{first_seed + runs - 1}"
 
 
@@ -158,15 +172,19 @@ def run_series(args, configs):
     for config in {dataclasses.replace(c, seed=0, run_name=""): c for c in configs}.values():
         train.build_model(config, manifest)   # a length/stride that does not fit: one line, before training
     results = train_all(configs)
+    if args.command == "zoo":
+        return write_zoo(args, results)
     if args.command == "table2":
         groups = [({"length": length, "stride": stride},
-                   [(c, m) for c, m in results if (c.length, c.stride) == (length, stride)]) for length, stride in PAIRS]
+                   [(c, m) for c, m in results if c.option_values() == {"length": length, "stride": stride}])
+                  for length, stride in PAIRS]
         keys, title = ["length", "stride"], "CNN test ROC-AUC and PR-AUC, mean ± sample std over seeds (Table II)"
     else:
-        shape = f"{first.length}/{first.stride}" if first.arch == "cnn" else f"gru{first.gru_units}"
-        groups = [({"arch": first.arch, "shape": shape}, results)]
-        keys, title = ["arch", "shape"], f"{first.arch} test ROC-AUC and PR-AUC, mean ± sample std over seeds"
-    out = args.out or f"{first.runs_dir}/experiments/{args.command}-{series_name(first, args.runs, args.seed)}"
+        shape = ", ".join(f"{k} {v}" for k, v in first.options) or "-"
+        groups = [({"arch": first.arch, "settings": shape}, results)]
+        keys, title = ["arch", "settings"], f"{first.arch} test ROC-AUC and PR-AUC, mean ± sample std over seeds"
+    series = series_name(first, args.runs, args.seed, varied=args.command == "table2")
+    out = args.out or f"{first.runs_dir}/experiments/{args.command}-{series}"
     rows = summarize(groups)
     table = write_tables(out, args.command, rows, keys, title)
     if args.command == "repeat":
@@ -177,6 +195,49 @@ def run_series(args, configs):
     print(f"\n{title}:\n\n{table}")
     print(f"Wrote {out}/{args.command}.md and {args.command}.csv" + (" and runs.csv" if args.command == "repeat" else "")
           + f"; the runs are under {first.runs_dir}/ and {first.models_dir}/")
+    return EXIT_FAILED if any(m is None for _, m in results) else EXIT_OK
+
+
+def write_zoo(args, results):
+    """zoo.md and zoo.csv: one row per family. Returns the exit status."""
+    first = results[0][0]
+    rows = []
+    for name in args.archs:
+        runs = [(c, m) for c, m in results if c.arch == name]
+        done = [m for _, m in runs if m is not None]
+        (row,) = summarize([({"family": name}, runs)])
+
+        def mean(key):
+            values = [m[key] for m in done if m.get(key) is not None]
+            return sum(values) / len(values) if values else math.nan
+
+        rows.append({**row, "trainable_params": done[0].get("trainable_params") if done else None,
+                     "gflops_per_clip": mean("forward_flops_per_clip") / 1e9, "train_seconds": mean("train_seconds"),
+                     "train_clips_per_s": mean("train_clips_per_s"), "epochs": runs[0][0].epochs})
+    data = os.path.basename(first.data.rstrip("/"))
+    out = (args.out or f"{first.runs_dir}/experiments/zoo-{data}-seeds{args.seed}-{args.seed + args.runs - 1}").rstrip("/")
+    files.makedirs(out)
+    keys = ["family", "trainable_params", "gflops_per_clip", "runs", "failed", "roc_auc_mean", "roc_auc_std",
+            "pr_auc_mean", "pr_auc_std", "epochs", "train_seconds", "train_clips_per_s", "run_names"]
+    files.write_text(f"{out}/zoo.csv", files.csv_text(
+        [keys] + [[f"{row[k]:.4f}" if isinstance(row[k], float) else row[k] for k in keys] for row in rows]))
+    lines = ["| family | parameters | GFLOP / clip | runs | test ROC-AUC | test PR-AUC | epochs | training | "
+             "clips/s |", "|---|---:|---:|---:|---|---|---:|---:|---:|"]
+    for row in rows:
+        params = "n/a" if row["trainable_params"] is None else f"{row['trainable_params']:,}"
+        minutes, seconds = divmod(round(row["train_seconds"]), 60) if row["runs"] else (0, 0)
+        lines.append(f"| {row['family']} | {params} | {row['gflops_per_clip']:.3g} | {row['runs']}"
+                     + (f" ({row['failed']} failed)" if row["failed"] else "")
+                     + f" | {row['roc_auc_mean']:.4f} ± {row['roc_auc_std']:.4f}"
+                     + f" | {row['pr_auc_mean']:.4f} ± {row['pr_auc_std']:.4f} | {row['epochs']}"
+                     + f" | {minutes} m {seconds:02d} s | {row['train_clips_per_s']:.1f} |")
+    table = "\n".join(lines) + "\n"
+    title = (f"Every family with its own settings on {first.data}: test ROC-AUC and PR-AUC, mean ± sample std over "
+             "seeds; parameters (trainable), forward FLOPs per test clip, training time and training clips per "
+             "second (means over the runs).")
+    files.write_text(f"{out}/zoo.md", f"{title}\n\n{table}")
+    print(f"\n{title}\n\n{table}")
+    print(f"Wrote {out}/zoo.md and zoo.csv; the runs are under {first.runs_dir}/ and {first.models_dir}/")
     return EXIT_FAILED if any(m is None for _, m in results) else EXIT_OK
 
 

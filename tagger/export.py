@@ -3,12 +3,16 @@
 `saved_models/<run>/` holds the SavedModel (serving signatures below), `tags.json`, `config.json`,
 `metrics.json` and `model.keras` (for fine-tuning). Signatures:
 - `serving_default`: float32 waveforms (batch, clip_samples) at 16 kHz in [-1, 1] ->
-  {"probabilities": (batch, num_tags)}; for the CNN the sub-clip cut happens inside.
+  {"probabilities": (batch, num_tags)}; the family's layout happens inside (the CNN's sub-clips, the
+  short-chunk families' evenly spaced chunks).
 - `tag_track`: one 16 kHz waveform of any length (samples,) and `hop_seconds` (scalar; 0 means the
-  clip length) -> {"probabilities": (num_tags,), "window_probabilities": (windows, num_tags),
-  "window_starts": (windows,) seconds}. The track is cut into clip-length windows, the last one
-  aligned to the end of the track; a track shorter than a clip is zero-padded. Windows go through
+  window length) -> {"probabilities": (num_tags,), "window_probabilities": (windows, num_tags),
+  "window_starts": (windows,) seconds}. The track is cut into windows of the family's window length
+  (config.json's `window_samples`: the clip, or the chunk of the short-chunk families), the last one
+  aligned to the end of the track; a track shorter than a window is zero-padded. Windows go through
   the model WINDOW_BATCH at a time in a loop, so a long track never sits in the model at once.
+- `tag_windows`: windows (batch, window_samples) -> {"probabilities": (batch, num_tags)}, each
+  window tagged as `tag_track` tags it (what tagger.predict calls).
 - `tag_names`: no input -> {"tags": (num_tags,) string}, the output order.
 """
 import contextlib
@@ -21,51 +25,54 @@ import tempfile
 import keras
 import tensorflow as tf
 
-from tagger.data import NUM_SUB_CLIPS, to_sub_clips
 from tagger.files import is_remote
 
 SAMPLE_RATE = 16000
 WINDOW_BATCH = 8
 
 
-def window_starts(num_samples, clip_samples, hop):
-    """Window start samples over a track: every `hop` samples while a whole clip fits, then one more
+def window_starts(num_samples, window_samples, hop):
+    """Window start samples over a track: every `hop` samples while a whole window fits, then one more
     aligned to the end of the track if the last window stopped short of it. A track shorter than a
-    clip has one window at 0. Shared by the SavedModel's `tag_track` and `tagger.predict`.
+    window has one window at 0. Shared by the SavedModel's `tag_track` and `tagger.predict`.
     """
-    length = max(num_samples, clip_samples)
-    starts = list(range(0, length - clip_samples + 1, hop))
-    if starts[-1] + clip_samples < length:
-        starts.append(length - clip_samples)
+    length = max(num_samples, window_samples)
+    starts = list(range(0, length - window_samples + 1, hop))
+    if starts[-1] + window_samples < length:
+        starts.append(length - window_samples)
     return starts
 
 
-def serving_functions(model, arch, clip_samples, tags):
-    """The tf.functions the export serves, closed over the Keras model."""
+def serving_functions(model, layout, clip_samples, tags):
+    """The tf.functions the export serves, closed over the Keras model and the family's layout."""
+    window = layout.window_samples(clip_samples)
 
     @tf.function(input_signature=[tf.TensorSpec([None, clip_samples], tf.float32, name="waveform")])
     def serve(waveform):
-        x = to_sub_clips(waveform, NUM_SUB_CLIPS, model.input_shape[-1]) if arch == "cnn" else waveform
-        return {"probabilities": model(x, training=False)}
+        return {"probabilities": model(layout.model_input(waveform, model.input_shape), training=False)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, window], tf.float32, name="waveform")])
+    def tag_windows(waveform):
+        return {"probabilities": model(layout.window_input(waveform, model.input_shape), training=False)}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="waveform"),
                                   tf.TensorSpec([], tf.float32, name="hop_seconds")])
     def tag_track(waveform, hop_seconds):
         n = tf.shape(waveform)[0]
         hop = tf.cast(tf.round(hop_seconds * SAMPLE_RATE), tf.int32)
-        hop = tf.where(hop > 0, hop, clip_samples)
-        padded = tf.pad(waveform, [[0, tf.maximum(clip_samples - n, 0)]])
-        length = tf.maximum(n, clip_samples)
-        starts = tf.range(0, length - clip_samples + 1, hop)
-        starts = tf.cond(starts[-1] + clip_samples < length,
-                         lambda: tf.concat([starts, [length - clip_samples]], 0), lambda: starts)
+        hop = tf.where(hop > 0, hop, window)
+        padded = tf.pad(waveform, [[0, tf.maximum(window - n, 0)]])
+        length = tf.maximum(n, window)
+        starts = tf.range(0, length - window + 1, hop)
+        starts = tf.cond(starts[-1] + window < length,
+                         lambda: tf.concat([starts, [length - window]], 0), lambda: starts)
         count = tf.shape(starts)[0]
-        offsets = tf.range(clip_samples)
+        offsets = tf.range(window)
 
         def body(i, out):
             chunk = starts[i:i + WINDOW_BATCH]
             windows = tf.gather(padded, chunk[:, None] + offsets[None, :])
-            return i + WINDOW_BATCH, out.write(i // WINDOW_BATCH, serve(windows)["probabilities"])
+            return i + WINDOW_BATCH, out.write(i // WINDOW_BATCH, tag_windows(windows)["probabilities"])
 
         out = tf.TensorArray(tf.float32, size=0, dynamic_size=True, infer_shape=False,
                              element_shape=tf.TensorShape([None, len(tags)]))
@@ -80,10 +87,10 @@ def serving_functions(model, arch, clip_samples, tags):
     def tag_names():
         return {"tags": tag_constant}
 
-    return {"serving_default": serve, "tag_track": tag_track, "tag_names": tag_names}
+    return {"serving_default": serve, "tag_track": tag_track, "tag_windows": tag_windows, "tag_names": tag_names}
 
 
-def export(model, arch, out_dir, tags, clip_samples, files):
+def export(model, layout, out_dir, tags, clip_samples, files):
     """Write the export to `out_dir` via a temporary folder, so nothing half-written is ever picked
     up. `files`: {name: json-able} written beside the SavedModel.
 
@@ -97,7 +104,7 @@ def export(model, arch, out_dir, tags, clip_samples, files):
         tf.io.gfile.rmtree(tmp)
     archive = keras.export.ExportArchive()
     archive.track(model)
-    for name, fn in serving_functions(model, arch, clip_samples, tags).items():
+    for name, fn in serving_functions(model, layout, clip_samples, tags).items():
         archive.add_endpoint(name, fn)
     with contextlib.redirect_stdout(io.StringIO()):  # Keras prints the endpoints whatever `verbose` says
         archive.write_out(tmp, verbose=False)

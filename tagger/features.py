@@ -163,7 +163,8 @@ class LogMelSpectrogram(keras.layers.Layer):
 
     `librosa.power_to_db(librosa.feature.melspectrogram(y, sr, n_fft, hop_length, n_mels),
     ref=1.0, amin=1e-10, top_db=None)`: centred frames with zero padding, periodic Hann window,
-    power 2, Slaney mel filters. Input (batch, samples); output (batch, num_mel_bins, frames) with
+    power 2, Slaney mel filters (from `fmin` to `fmax`, default half the sample rate: librosa's
+    `fmin`, `fmax`). Input (batch, samples); output (batch, num_mel_bins, frames) with
     frames = 1 + samples // sequence_stride.
 
     With `input_rate` (the rate of the incoming waveform, when it is not `sample_rate`), the input is
@@ -180,7 +181,7 @@ class LogMelSpectrogram(keras.layers.Layer):
     """
 
     def __init__(self, sample_rate=12000, fft_length=512, sequence_stride=256, num_mel_bins=96,
-                 amin=1e-10, input_rate=None, **kwargs):
+                 amin=1e-10, input_rate=None, fmin=0.0, fmax=None, **kwargs):
         super().__init__(**kwargs)
         self.sample_rate = int(sample_rate)
         self.input_rate = self.sample_rate if input_rate is None else int(input_rate)
@@ -190,8 +191,11 @@ class LogMelSpectrogram(keras.layers.Layer):
         self.sequence_stride = int(sequence_stride)
         self.num_mel_bins = int(num_mel_bins)
         self.amin = float(amin)
+        self.fmin = float(fmin)
+        self.fmax = None if fmax is None else float(fmax)
         self.mel_rows = tf.constant(     # [num_mel_bins, bins]
-            slaney_mel_matrix(self.sample_rate, self.fft_length, self.num_mel_bins).T, tf.float32)
+            slaney_mel_matrix(self.sample_rate, self.fft_length, self.num_mel_bins, self.fmin, self.fmax).T,
+            tf.float32)
 
     def build(self, input_shape):
         if self.resample is not None:
@@ -235,4 +239,4 @@ class LogMelSpectrogram(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "sample_rate": self.sample_rate, "fft_length": self.fft_length,
                 "sequence_stride": self.sequence_stride, "num_mel_bins": self.num_mel_bins,
-                "amin": self.amin, "input_rate": self.input_rate}
+                "amin": self.amin, "input_rate": self.input_rate, "fmin": self.fmin, "fmax": self.fmax}

@@ -109,7 +109,7 @@ def recorded_settings_differ(path, settings, defaults=None):
     """Compare `settings` with those recorded in the JSON file `path`: the keys whose values differ.
     When there is no record yet, write one (atomically) and return []. `defaults` maps a key whose
     value is a dict to the values of its fields that a record may lack (written by an older version);
-    only the fields `settings` has count."""
+    only the fields `settings` has count (an older record may also hold settings since dropped)."""
     import json
 
     import tensorflow as tf
@@ -120,5 +120,5 @@ def recorded_settings_differ(path, settings, defaults=None):
         before = json.load(f)
     for key, fields in (defaults or {}).items():
         if isinstance(before.get(key), dict) and isinstance(settings.get(key), dict):
-            before[key] = {**{k: v for k, v in fields.items() if k in settings[key]}, **before[key]}
+            before[key] = {k: before[key].get(k, fields.get(k)) for k in settings[key]}
     return [k for k in settings if before.get(k) != settings[k]]

@@ -4,9 +4,10 @@
                              [--format table|json|csv] [--timeline] [--hop SECONDS]
 
 Files or folders (searched recursively for mp3, wav, flac, ogg), any rate and channel count. A
-track longer than the model's clip is cut into clip-length windows (every --hop seconds, the last
-window aligned to the end of the track); a shorter one is zero-padded. Windows from all files go
-through the model in batches and are averaged per track, as the SavedModel's `tag_track` does.
+track longer than the model's window (the clip it was trained on, or the chunk of the short-chunk
+families) is cut into windows (every --hop seconds, the last window aligned to the end of the track);
+a shorter one is zero-padded. Windows from all files go through the model in batches and are
+averaged per track, as the SavedModel's `tag_track` does.
 """
 import csv
 import json
@@ -29,7 +30,7 @@ def parse_args(argv):
     p.add_argument("--threshold", type=float, help="only tags at or above this probability (0-1)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--timeline", action="store_true", help="also each window's start and top tags")
-    p.add_argument("--hop", type=positive_float, help="seconds between windows (default: the clip length)")
+    p.add_argument("--hop", type=positive_float, help="seconds between windows (default: the window length)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="windows per model call")
     args = p.parse_args(argv)
     if args.threshold is not None and not 0 <= args.threshold <= 1:
@@ -62,8 +63,8 @@ def collect_files(paths):
     return found
 
 
-def track_windows(blocks, length, clip_samples, starts):
-    """The clip-length windows at `starts` of a track of `length` samples read as `blocks`,
+def track_windows(blocks, length, window_samples, starts):
+    """The windows of `window_samples` at `starts` of a track of `length` samples read as `blocks`,
     zero-padded past its end. Holds at most one window and one block of the track at a time.
     """
     import numpy as np
@@ -72,17 +73,17 @@ def track_windows(blocks, length, clip_samples, starts):
     buf, buf_start = np.zeros(0, np.float32), 0
     for s in starts:
         buf, buf_start = buf[max(0, s - buf_start):], max(s, buf_start)
-        end = min(s + clip_samples, length)
+        end = min(s + window_samples, length)
         while buf_start + len(buf) < end:
             block = next(blocks, None)
             if block is None:
                 break
             buf = np.concatenate([buf, block])
-        window = buf[s - buf_start:s - buf_start + clip_samples]
-        yield np.pad(window, (0, clip_samples - len(window)))
+        window = buf[s - buf_start:s - buf_start + window_samples]
+        yield np.pad(window, (0, window_samples - len(window)))
 
 
-def tag_files(paths, serving, clip_samples, hop, batch_size, on_error):
+def tag_files(paths, serving, window_samples, hop, batch_size, on_error):
     """Window every file, run the windows through `serving` in batches across files.
 
     Files are decoded block by block (`tagger.audio.Stream`), so memory holds one block and one
@@ -108,11 +109,11 @@ def tag_files(paths, serving, clip_samples, hop, batch_size, on_error):
         result = None
         try:
             stream = Stream(path, SAMPLE_RATE)
-            starts = window_starts(len(stream), clip_samples, hop)
+            starts = window_starts(len(stream), window_samples, hop)
             result = {"path": path, "duration": round(len(stream) / SAMPLE_RATE, 3),
                       "starts": [s / SAMPLE_RATE for s in starts], "window_probabilities": []}
             results.append(result)
-            for window in track_windows(stream, len(stream), clip_samples, starts):
+            for window in track_windows(stream, len(stream), window_samples, starts):
                 batch.append((result, window))
                 if len(batch) >= batch_size:
                     flush()
@@ -173,11 +174,13 @@ def run(args):
                          "folder under saved_models/")
     audio_files = collect_files(args.paths)
     config = json.loads(files.read_text(f"{model_dir}/config.json"))
-    clip, tags = config["clip_samples"], config["tags"]
-    hop = int(round(args.hop * SAMPLE_RATE)) if args.hop else clip
+    window, tags = config.get("window_samples", config["clip_samples"]), config["tags"]
+    hop = int(round(args.hop * SAMPLE_RATE)) if args.hop else window
     quiet_tensorflow()
     import tensorflow as tf
-    serve = tf.saved_model.load(model_dir).signatures["serving_default"]
+    signatures = tf.saved_model.load(model_dir).signatures
+    # Exports made before `tag_windows` existed had clip-length windows only: serving_default.
+    serve = signatures["tag_windows"] if "tag_windows" in signatures else signatures["serving_default"]
     failures = []
 
     def on_error(path, reason):
@@ -185,7 +188,7 @@ def run(args):
         print(f"{path}: {reason}", file=sys.stderr)
 
     results = tag_files(audio_files, lambda w: serve(waveform=tf.constant(w))["probabilities"].numpy(),
-                        clip, hop, args.batch_size, on_error)
+                        window, hop, args.batch_size, on_error)
     write_output(results, tags, args)
     if failures:
         print(f"{len(failures)} of {len(audio_files)} files could not be tagged", file=sys.stderr)

@@ -2,8 +2,9 @@
 import pytest
 
 from conftest import run_cli
-from tagger.bench import forward_flops, summarize, table
-from tagger.models import build_cnn
+from tagger.bench import summarize, table
+from tagger.models.cnn import build_cnn
+from tagger.models.flops import forward_flops
 
 
 def test_cnn_flops_per_clip_worked_out_by_hand():
@@ -15,42 +16,31 @@ def test_cnn_flops_per_clip_worked_out_by_hand():
     assert forward_flops(build_cnn(50, 46600)) == 10 * (strided + conv1 + conv2 + dense)
 
 
-def test_table_reports_ratios_and_missing_values():
-    r = {"machine": {"cpu": "Test CPU", "cores": 2, "gpus": [], "tensorflow": "2.16.2",
-                     "onednn": True}, "matmul_gflops": 100.0,
-         "pipeline_cnn_clips_per_s": 400.0, "pipeline_crnn_clips_per_s": 500.0, "pipeline_vs_crnn_train": 200.0,
-         "frontend_clips_per_s": 100.0, "librosa_clips_per_s": None, "librosa_note": "not installed",
-         "cnn_train_clips_per_s": 300.0, "cnn_forward_flops_per_clip": 68e6, "cnn_train_gflops": 61.2,
-         "crnn_train_clips_per_s": 2.0, "crnn_forward_flops_per_clip": 6.6e9, "crnn_train_gflops": 39.6,
-         "predict_clips_per_s": 9.0, "peer": {"cnn_train_clips_per_s": 200.0, "crnn_train_clips_per_s": 1.6},
-         "cnn_train_vs_peer": 1.5, "crnn_train_vs_peer": 1.25}
-    text = table(r)
-    assert "Test CPU, 2 cores; TensorFlow 2.16.2 with oneDNN" in text
-    assert "| librosa (resample_poly + melspectrogram + dB) | n/a |" in text
-    assert "1.50 x PyTorch (200.00 clips/s)" in text and "1.25 x PyTorch" in text and "200 x CRNN training" in text
-    assert "precision" not in text
-    assert "training in mixed_bfloat16 (the peer in float32)" in table({**r, "precision": "mixed_bfloat16"})
+def _round(stage, key, values, rss, **extra):
+    return [{f"{key}_clips_per_s": v, f"{stage}_peak_rss_mb": m, **extra} for v, m in zip(values, rss)]
 
 
 def test_summary_takes_medians_and_ratios_round_by_round():
     """Rounds run minutes apart on a machine whose speed drifts: each ratio compares one round's runs."""
-    def stage(key, values, rss, **extra):
-        return [{f"{key}_clips_per_s": v, f"{key}_peak_rss_mb": m, **extra} for v, m in zip(values, rss)]
     runs = {
-        "pipeline": [{"pipeline_cnn_clips_per_s": c, "pipeline_crnn_clips_per_s": c + 1, "pipeline_clips_per_s": c,
-                      "pipeline_peak_rss_mb": 600.0} for c in (400.0, 900.0, 500.0)],
-        "frontend": stage("frontend", (100.0, 300.0, 120.0), (500.0, 520.0, 510.0)),
-        "librosa": stage("librosa", (10.0, 20.0, 50.0), (200.0, 200.0, 200.0)),
-        "cnn_train": stage("cnn_train", (300.0, 600.0, 330.0), (580.0, 590.0, 585.0), cnn_forward_flops_per_clip=1e8),
-        "crnn_train": stage("crnn_train", (4.0, 8.0, 5.0), (3600.0, 3700.0, 3650.0), crnn_forward_flops_per_clip=6e9),
+        "pipeline": [{"pipeline_sub_clips_clips_per_s": c, "pipeline_whole_clip_clips_per_s": c + 1,
+                      "pipeline_sub_clips_shape": "10x46592", "pipeline_peak_rss_mb": 600.0} for c in (400.0, 900.0, 500.0)],
+        "frontend": _round("frontend", "frontend", (100.0, 300.0, 120.0), (500.0, 520.0, 510.0)),
+        "librosa": _round("librosa", "librosa", (10.0, 20.0, 50.0), (200.0, 200.0, 200.0)),
+        "cnn_train": _round("cnn_train", "cnn_train", (300.0, 600.0, 330.0), (580.0, 590.0, 585.0),
+                            cnn_forward_flops_per_clip=1e8),
+        "crnn_train": _round("crnn_train", "crnn_train", (4.0, 8.0, 5.0), (3600.0, 3700.0, 3650.0),
+                             crnn_forward_flops_per_clip=6e9),
     }
     peer = [{"cnn": 200.0, "crnn": 2.0, "version": "2.13.0"}, {"cnn": 300.0, "crnn": 2.0, "version": "2.13.0"},
             {"cnn": 300.0, "crnn": 2.0, "version": "2.13.0"}]
     r = summarize({"matmul_gflops": 100.0}, runs, peer)
+    assert r["archs"] == ["cnn", "crnn"]
     assert r["frontend_clips_per_s"] == 120.0 and r["frontend_runs"] == [100.0, 300.0, 120.0]
     assert r["frontend_peak_rss_mb"] == 520.0 and r["matmul_gflops"] == 100.0
     assert r["frontend_vs_librosa"] == 10.0             # rounds 10, 15, 2.4; the ratio of medians would be 6
-    assert r["pipeline_vs_crnn_train"] == 100.0         # rounds 100, 112.5, 100 (ratio of medians: 100)
+    assert r["pipeline_vs_crnn_train"] == 100.25        # rounds 100.25, 112.6, 100.2 (whole clips / CRNN)
+    assert r["pipeline_vs_cnn_train"] == 1.5            # rounds 1.33, 1.5, 1.52 (sub-clips / CNN)
     assert r["cnn_train_vs_peer"] == 1.5                # rounds 1.5, 2.0, 1.1; of medians: 330 / 300 = 1.1
     assert r["crnn_train_vs_peer"] == 2.5               # rounds 2, 4, 2.5
     assert r["peer"]["cnn_train_clips_per_s"] == 300.0 and r["peer"]["torch"] == "2.13.0"
@@ -58,6 +48,32 @@ def test_summary_takes_medians_and_ratios_round_by_round():
     missing = {**runs, "librosa": [{"librosa_clips_per_s": None, "librosa_note": "not installed"}]}
     r = summarize({}, missing, [])
     assert r["librosa_clips_per_s"] is None and "frontend_vs_librosa" not in r and "peer" not in r
+    # A family the peer does not time has no ratio.
+    r = summarize({}, runs, [{"cnn": 200.0, "version": "2.13.0"}] * 3)
+    assert "crnn_train_vs_peer" not in r and r["cnn_train_vs_peer"] == 1.65     # rounds 1.5, 3, 1.65
+
+
+def test_table_reports_ratios_and_missing_values():
+    r = {"machine": {"cpu": "Test CPU", "cores": 2, "gpus": [], "tensorflow": "2.16.2", "onednn": True},
+         "matmul_gflops": 100.0, "archs": ["cnn", "crnn"],
+         "pipeline_sub_clips_clips_per_s": 400.0, "pipeline_sub_clips_shape": "10x46592",
+         "pipeline_whole_clip_clips_per_s": 500.0, "pipeline_whole_clip_shape": "466000",
+         "pipeline_vs_cnn_train": 1.33, "pipeline_vs_crnn_train": 200.0,
+         "frontend_clips_per_s": 100.0, "librosa_clips_per_s": None, "librosa_note": "not installed",
+         "cnn_train_clips_per_s": 300.0, "cnn_forward_flops_per_clip": 68e6, "cnn_train_gflops": 61.2,
+         "cnn_train_batch": [10, 10, 46592],
+         "crnn_train_clips_per_s": 2.0, "crnn_forward_flops_per_clip": 6.6e9, "crnn_train_gflops": 39.6,
+         "crnn_train_batch": [16, 466000], "predict_clips_per_s": 9.0, "predict_family": "crnn",
+         "peer": {"cnn_train_clips_per_s": 200.0}, "cnn_train_vs_peer": 1.5}
+    text = table(r)
+    assert "Test CPU, 2 cores; TensorFlow 2.16.2 with oneDNN" in text
+    assert "| librosa (resample_poly + melspectrogram + dB) | n/a |" in text
+    assert "| pipeline, sub clips (10x46592 per clip) | 400.00 |" in text and "feeds 1.33 x cnn training" in text
+    assert "| pipeline, whole clip (466000 per clip) | 500.00 |" in text and "feeds 200 x crnn training" in text
+    assert "| cnn training, batches of 10 x 10 x 46592 | 300.00 |" in text
+    assert "1.50 x PyTorch (200.00 examples/s)" in text and text.count("x PyTorch") == 1
+    assert "predict, exported crnn" in text and "precision" not in text
+    assert "training in mixed_bfloat16 (the peer in float32)" in table({**r, "precision": "mixed_bfloat16"})
 
 
 @pytest.mark.parametrize("args, message", [
@@ -65,6 +81,7 @@ def test_summary_takes_medians_and_ratios_round_by_round():
     (["--rounds", "0"], "at least 1"),
     (["--json", "/no/such/dir/out.json"], "folder does not exist"),
     (["--precision", "float64"], "invalid choice"),
+    (["--archs", "cnn,resnet"], "unknown family resnet (registered: cnn, crnn"),
 ])
 def test_usage_errors(args, message):
     r = run_cli("tagger.bench", *args)

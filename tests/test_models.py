@@ -1,12 +1,11 @@
-"""The two architectures: shapes, parameter counts worked out by hand, and overfitting one batch."""
+"""The study's two architectures: shapes, parameter counts worked out by hand, and overfitting one batch."""
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import tagger
-from tagger.models import (StridedConv1D, TapGradientConv2D, _conv2d_same_tap_gradient, build_cnn, build_crnn,
-                           cnn_frames, cnn_input_samples, onednn_cpu)
+from tagger.models.cnn import build_cnn, cnn_frames, cnn_input_samples
+from tagger.models.crnn import build_crnn
 
 MTAT_SUB_CLIP = 46600     # 466,000 samples / 10 at 16 kHz
 MTAT_CLIP = 466000
@@ -56,7 +55,7 @@ def test_cnn_takes_its_sub_clips_less_the_tail_no_frame_reads(tmp_path):
     """At 256/256, sub-clips of 6,500 samples give 25 frames, which read the first 6,400: the model
     takes those, cut off by the data pipeline's function, with the probabilities of the same layers
     reading whole sub-clips; its export serves whole clips. At 12 kHz every sample counts."""
-    from tagger import export
+    from tagger import export, models
     from tagger.data import to_sub_clips
     model = build_cnn(5, 6500, filters=4, dense_units=8)
     assert model.input_shape == (None, 10, 6400)
@@ -69,7 +68,7 @@ def test_cnn_takes_its_sub_clips_less_the_tail_no_frame_reads(tmp_path):
                  "probabilities"):
         x = model.get_layer(name)(x)
     np.testing.assert_allclose(model(sub).numpy(), x.numpy(), atol=1e-6)
-    out = export.export(model, "cnn", str(tmp_path / "cnn"), list("abcde"), 65000, {})
+    out = export.export(model, models.get("cnn").layout, str(tmp_path / "cnn"), list("abcde"), 65000, {})
     served = tf.saved_model.load(out).signatures["serving_default"](waveform=tf.constant(clips))
     np.testing.assert_allclose(served["probabilities"].numpy(), model(sub).numpy(), atol=1e-6)
 
@@ -120,67 +119,6 @@ def test_crnn_blocks_equal_the_study_order_elu_then_pool():
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)
 
 
-def _values_and_gradients(layer, x, call=None):
-    """The layer's output and the gradients of a nonlinear loss with respect to its input and weights."""
-    call = call or layer
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = call(x)
-        loss = tf.reduce_sum(y * tf.sin(3 * y))
-    return [y] + tape.gradient(loss, [x] + layer.trainable_weights)
-
-
-@pytest.mark.parametrize("kernel", [(3, 3), (2, 4)])
-@pytest.mark.parametrize("graph", [False, True])
-def test_tap_gradient_convolution_equals_conv2d(kernel, graph):
-    """The CRNN's convolutions: same values and same input, kernel and bias gradients as Keras's Conv2D,
-    through the tap-gradient function itself (whichever path the layer takes on this machine)."""
-    x = tf.constant(np.random.default_rng(2).normal(size=(3, 9, 14, 16)).astype(np.float32))
-    ours, reference = TapGradientConv2D(8, kernel, padding="same"), keras.layers.Conv2D(8, kernel, padding="same")
-    ours.build(x.shape)
-    reference.build(x.shape)
-    reference.set_weights([w + 0.1 for w in ours.get_weights()])   # a non-zero bias too
-    ours.set_weights(reference.get_weights())
-    forced = lambda h: tf.nn.bias_add(_conv2d_same_tap_gradient(h, ours.kernel), ours.bias)   # noqa: E731
-    run = (lambda f: tf.function(f)()) if graph else (lambda f: f())
-    for call in (forced, ours):
-        got = run(lambda: _values_and_gradients(ours, x, call))
-        want = run(lambda: _values_and_gradients(reference, x))
-        for a, b in zip(got, want):
-            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-4 * float(tf.reduce_max(tf.abs(b))))
-
-
-def test_crnn_uses_the_tap_gradient_where_onednn_computes():
-    """conftest imports tagger first, as our commands do, so the suite runs with oneDNN on, and the
-    CRNN's many-channel convolutions take the tap-gradient path (the first, one channel, does not)."""
-    if tagger.ONEDNN_DEFAULTED:      # not TF_ENABLE_ONEDNN_OPTS=0 from the user
-        assert onednn_cpu() == (not tf.config.list_logical_devices("GPU"))
-    graph = tf.function(build_crnn(5, 48000, filters=(8, 8, 8, 8))).get_concrete_function(
-        tf.TensorSpec((2, 48000))).graph
-    custom = [op for op in graph.get_operations() if op.type == "IdentityN"]
-    assert len(custom) == (3 if onednn_cpu() else 0)
-
-
-@pytest.mark.parametrize("length, stride", [(256, 256), (512, 256), (300, 200)])
-def test_strided_conv1d_equals_conv1d(length, stride):
-    """The CNN's strided convolution (a matrix product when length == stride) against Keras's Conv1D on
-    every sub-clip: values and gradients."""
-    x = tf.constant(np.random.default_rng(3).normal(size=(3, 4, 4000)).astype(np.float32))
-    ours = StridedConv1D(6, length, stride, activation="relu")
-    reference = keras.layers.Conv1D(6, length, strides=stride, activation="relu")
-    ours.build(x.shape)
-    reference.build((None, 4000, 1))
-    reference.set_weights([w + 0.01 for w in ours.get_weights()])
-    ours.set_weights(reference.get_weights())
-    frames = (4000 - length) // stride + 1
-    got = _values_and_gradients(ours, x)
-    want = _values_and_gradients(reference, x, lambda h: tf.reshape(reference(tf.reshape(h, [12, 4000, 1])),
-                                                                     [3, 4, frames, 6]))
-    assert got[0].shape == (3, 4, frames, 6)
-    for a, b in zip(got, want):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5 * float(tf.reduce_max(tf.abs(b))))
-
-
 SIXTEEN_BIT = {"cnn": {"strided_conv", "conv1", "pool1", "conv2", "pool2", "flatten", "dense"},
                "crnn": {f"{kind}{i}" for kind in ("conv", "bn", "pool", "elu") for i in range(1, 5)}}
 
@@ -228,9 +166,10 @@ def test_crnn_gru_units_flag():
 
 
 def test_too_short_input_is_refused():
-    with pytest.raises(ValueError, match="too short"):
+    from tagger.models import DoesNotFit
+    with pytest.raises(DoesNotFit, match="does not fit sub-clips of 0.62 s"):
         build_cnn(10, 10000, 1024, 1024)
-    with pytest.raises(ValueError, match="pool"):
+    with pytest.raises(DoesNotFit, match="pool"):
         build_crnn(10, 4000)
 
 

@@ -224,12 +224,13 @@ def test_demo_tags_vary_independently():
 
 
 def test_tiny_records_are_readable(tiny_records):
+    from tagger.models import SubClips
     manifest = data.load_manifest(tiny_records)
-    ds = data.dataset(tiny_records, "train", "cnn", 4, manifest)
+    ds = data.dataset(tiny_records, "train", SubClips(10), 4, manifest, input_shape=(None, 10, TINY_SAMPLES // 10))
     waves, labels = next(iter(ds))
     assert waves.shape == (4, 10, TINY_SAMPLES // 10)
     assert labels.shape == (4, len(manifest["tags"]))
     assert -1.0 <= float(tf.reduce_min(waves)) and float(tf.reduce_max(waves)) < 1.0
-    kept, _ = next(iter(data.dataset(tiny_records, "train", "cnn", 4, manifest, sub_clip_samples=6000)))
+    kept, _ = next(iter(data.dataset(tiny_records, "train", SubClips(10), 4, manifest, input_shape=(None, 10, 6000))))
     assert kept.shape == (4, 10, 6000)
     np.testing.assert_array_equal(kept.numpy(), waves.numpy()[..., :6000])

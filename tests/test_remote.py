@@ -21,10 +21,11 @@ def _copy_records(local, remote):
 
 
 def test_train_evaluate_and_export_on_a_remote_filesystem(tiny_records, ram, capsys):
-    from tagger import data, evaluate, train
+    from tagger import data, evaluate, models, train
     _copy_records(tiny_records, f"{ram}/records")
-    local = data.dataset(tiny_records, "valid", "cnn", 4)
-    remote = data.dataset(f"{ram}/records", "valid", "cnn", 4)
+    layout = models.get("crnn").layout
+    local = data.dataset(tiny_records, "valid", layout, 4)
+    remote = data.dataset(f"{ram}/records", "valid", layout, 4)
     for (xa, ya), (xb, yb) in zip(local, remote):
         np.testing.assert_array_equal(xa.numpy(), xb.numpy())
         np.testing.assert_array_equal(ya.numpy(), yb.numpy())
@@ -40,7 +41,7 @@ def test_train_evaluate_and_export_on_a_remote_filesystem(tiny_records, ram, cap
             assert tf.io.gfile.exists(f"{folder}/{name}"), f"{folder}/{name}"
     assert tf.io.gfile.glob(f"{ram}/runs/r/train/events.out.tfevents.*")
     export = tf.saved_model.load(f"{ram}/models/r")
-    assert set(export.signatures) == {"serving_default", "tag_track", "tag_names"}
+    assert set(export.signatures) == {"serving_default", "tag_track", "tag_windows", "tag_names"}
     metrics = json.loads(tf.io.gfile.GFile(f"{ram}/models/r/metrics.json").read())
 
     assert evaluate.main(["--model", f"{ram}/models/r"]) == 0
@@ -58,6 +59,7 @@ def test_tables_and_plans_on_a_remote_filesystem(ram):
     experiments.write_tables(f"{ram}/t2", "table2", rows, ["length", "stride"], "title")
     assert files.read_text(f"{ram}/t2/table2.csv").splitlines()[1].startswith("256,256,1,0,0.8000")
     cells = {(0.9, 0.01): {"val_auc": 0.7, "diverged": False, "curve": [0.6, 0.7], "trial": "0"}}
-    search.write_table(f"{ram}/s", cells, {"momentum": (0.9,), "lr": (0.01,)}, "cnn")
+    search.write_table(f"{ram}/s", cells, {"momentum": (0.9,), "lr": (0.01,)},
+                       search.search_config(search.parse_args(["--arch", "cnn"]))[0])
     assert files.read_text(f"{ram}/s/table.csv") == "momentum,0.01\n0.9,0.7000\n"
     assert "**0.7000**" in files.read_text(f"{ram}/s/table.md")

@@ -92,9 +92,7 @@ json.dump({"tags": tags, "modules": sorted(k for k in sys.modules if k.split("."
 
 
 def test_export_round_trip_in_a_fresh_tensorflow_only_process(crnn_run, tmp_path):
-    import keras
-
-    import tagger.models  # noqa: F401 - registers the custom layers for model.keras
+    from tagger.models import load_model
     export = crnn_run[0] / "models" / "crnn"
     x = np.random.default_rng(0).uniform(-1, 1, (3, TINY_SAMPLES)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
@@ -107,7 +105,7 @@ def test_export_round_trip_in_a_fresh_tensorflow_only_process(crnn_run, tmp_path
     info = json.loads((tmp_path / "info.json").read_text())
     assert info["modules"] == []
     assert info["tags"] == json.loads((export / "tags.json").read_text())
-    model = keras.saving.load_model(str(export / "model.keras"))
+    model = load_model(str(export / "model.keras"))
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model(x, training=False).numpy(), atol=1e-5)
 
 
@@ -168,7 +166,15 @@ def test_nan_loss_stops_with_status_1(tiny_records, tmp_path):
     (["--data", "/no/such/folder"], "no manifest.json"),
     (["--epochs", "0"], "must be at least 1"),
     (["--momentum", "1.5"], "momentum"),
-    (["--length", "512"], "together"),
+    (["--arch", "cnn", "--length", "512"], "together"),
+    (["--length", "512", "--stride", "512"], "--length is not a setting of crnn (crnn's own: --gru-units, "
+                                             "--bn-momentum)"),
+    (["--arch", "cnn", "--gru-units", "8"], "--gru-units is not a setting of cnn"),
+    (["--arch", "cnn", "--length", "0", "--stride", "1"], "--length 0 must be at least 1"),
+    (["--bn-momentum", "1"], "--bn-momentum 1.0 must be in [0, 1)"),
+    (["--schedule", "cosine"], "unknown schedule (known: constant, won2020"),
+    (["--schedule", "won2020:3,2,1"], "three increasing epochs"),
+    (["--weight-decay", "-1"], "--weight-decay -1.0 must be 0 or more"),
     (["--precision", "float64"], "invalid choice"),
 ])
 def test_train_usage_errors_are_one_line_exit_2(args, message):
@@ -240,16 +246,17 @@ def test_restore_best_exports_the_best_validation_epoch(tiny_records, tmp_path):
 
 MIRRORED_STEP = """
 import sys, numpy as np, tensorflow as tf, keras
-from tagger import train, data
+from tagger import config as configs, data, models, train
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 manifest = data.load_manifest(sys.argv[1])
-config = train.Config(arch="cnn", data=sys.argv[1], epochs=1, batch_size=4, optimizer="sgd", lr=0.05,
-                      momentum=0.9, width=0.25, precision=sys.argv[2])
+family = models.get("cnn")
+config = configs.preset_config(family, sys.argv[1], epochs=1, batch_size=4, optimizer="sgd", lr=0.05, momentum=0.9,
+                               width=0.25, precision=sys.argv[2], weight_decay=float(sys.argv[3]))
 keras.utils.set_random_seed(0)
 one = train.compile_model(train.build_model(config, manifest), config)
-x, y = next(iter(data.dataset(sys.argv[1], "train", "cnn", 12, manifest, sub_clip_samples=one.input_shape[-1])))
+x, y = next(iter(data.dataset(sys.argv[1], "train", family.layout, 12, manifest, input_shape=one.input_shape)))
 batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
 keras.utils.set_random_seed(0)
 with strategy.scope():
@@ -263,14 +270,15 @@ print(moved, diff)
 """
 
 
-@pytest.mark.parametrize("precision, tolerance", [("float32", 1e-4), ("mixed_float16", 1e-2)])
-def test_mirrored_training_updates_like_one_device(tiny_records, tmp_path, precision, tolerance):
+@pytest.mark.parametrize("precision, tolerance, weight_decay", [("float32", 1e-4, 0.0), ("mixed_float16", 1e-2, 0.0),
+                                                               ("float32", 1e-4, 0.2)])
+def test_mirrored_training_updates_like_one_device(tiny_records, tmp_path, precision, tolerance, weight_decay):
     """3 SGD steps, 2 replicas x 2 clips vs 4 clips on one device; float16 with its loss scaling too (its
-    rounding differs between the two, an update off by the number of replicas would not). Relative to
-    how far the weights moved."""
+    rounding differs between the two, an update off by the number of replicas would not); coupled weight
+    decay too (each replica adds its share of it). Relative to how far the weights moved."""
     (tmp_path / "step.py").write_text(MIRRORED_STEP)
-    r = subprocess.run([sys.executable, str(tmp_path / "step.py"), tiny_records, precision], capture_output=True,
-                       text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    r = subprocess.run([sys.executable, str(tmp_path / "step.py"), tiny_records, precision, str(weight_decay)],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
     assert r.returncode == 0, r.stderr[-3000:]
     moved, diff = map(float, r.stdout.split())
     assert moved > 1e-3 and diff < tolerance * moved, (moved, diff)
@@ -296,7 +304,7 @@ def test_mixed_precision_run_exports_a_float32_savedmodel(tiny_records, tmp_path
     process as Keras computes it), and metrics.json describes that copy (tagger.evaluate agrees)."""
     import keras
 
-    from tagger.models import emulated_precision
+    from tagger.kernels import emulated_precision
     r = _train(tmp_path, tiny_records, "--arch", "crnn", "--epochs", "1", "--lr", "1e-3",
                "--precision", "mixed_bfloat16", name="bf16")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -328,7 +336,7 @@ def test_float16_training_scales_its_loss_also_across_replicas():
     import keras
 
     from tagger import train
-    from tagger.models import build_cnn
+    from tagger.models.cnn import build_cnn
     config = train.config_from_args(["--arch", "cnn", "--precision", "mixed_float16", "--data", "x"])
     assert config.run_name.endswith("-fp16")
     one = train.compile_model(build_cnn(5, 6400, filters=4, precision=config.precision), config).optimizer
@@ -348,7 +356,7 @@ def test_a_run_folder_resumes_only_with_its_own_settings(tmp_path):
     from tagger import train
     from tagger.cli import UsageError
     config = train.config_from_args(["--arch", "crnn", "--data", "x"])
-    older = {k: v for k, v in dataclasses.asdict(config).items() if k != "precision"}
+    older = {k: v for k, v in config.settings().items() if k != "precision"}
     (tmp_path / "config.json").write_text(json.dumps({"config": older}))
     train.check_run_folder(str(tmp_path), dataclasses.replace(config, runs_dir="elsewhere"))
     for changed, field in ((dict(lr=0.5), "lr"), (dict(precision="mixed_bfloat16"), "precision")):

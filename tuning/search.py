@@ -1,12 +1,14 @@
-"""Hyperparameter searches with KerasTuner: the study's Table I (CNN) and Fig. 7 (CRNN).
+"""Hyperparameter searches with KerasTuner: the study's Table I (CNN) and Fig. 7 (CRNN), and the
+same for any registered family.
 
     python -m tuning.search --arch cnn [--data DIR] [--epochs N] [--momentum 0.99,0.97,0.95,0.9,0]
                             [--lr 0.001,0.002,0.005,0.01,0.02] [--length 256 --stride 256]
     python -m tuning.search --arch crnn [--data DIR] [--epochs N] [--lr 1e-4,2e-4,5e-4,1e-3,2e-3]
 
-A grid search (KerasTuner's GridSearch) with objective val_auc (max): SGD momentum x learning rate
-for the CNN, Adam's learning rate for the CRNN. The models come from the same builders as
-tagger.train. Every trial is a TensorBoard run with its hyperparameters (the HParams tab). Running
+A grid search (KerasTuner's GridSearch) with objective val_auc (max) over a constant learning rate:
+the family's search optimizer and grid (`Family.search`: SGD momentum x learning rate for the CNN,
+Adam's learning rate for the others) unless --lr / --momentum give another. The models come from
+the same builders as tagger.train. Every trial is a TensorBoard run with its hyperparameters (the HParams tab). Running
 the same command again after an interruption goes on with the trials not yet done. Scale-out: set
 KERASTUNER_TUNER_ID (chief, tuner0, tuner1, ...), KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT
 and start the same command once per process (see the README).
@@ -17,15 +19,12 @@ import math
 import os
 import sys
 
+from tagger import config as configs
 from tagger import files, train
-from tagger.cli import (EXIT_OK, ArgumentParser, UsageError, main_guard, positive_int,
+from tagger.cli import (EXIT_OK, ArgumentParser, UsageError, main_guard, positive_float, positive_int,
                         quiet_tensorflow)
 
 PROG = "python -m tuning.search"
-STUDY_GRID = {"momentum": (0.99, 0.97, 0.95, 0.9, 0.0), "lr": (0.001, 0.002, 0.005, 0.01, 0.02)}
-CRNN_LRS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3)
-# Epochs per trial on the demo data when --epochs is omitted: the whole grid in minutes on a laptop.
-DEMO_EPOCHS = {"cnn": 10, "crnn": 2}
 
 
 def number_list(low, high, what):
@@ -45,61 +44,57 @@ def number_list(low, high, what):
 
 
 def parse_args(argv):
+    """(args, family, the family's options given)."""
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
-    p.add_argument("--arch", choices=("cnn", "crnn"), required=True)
+    configs.add_family_flags(p)
     p.add_argument("--data", help="TFRecords folder (default: the demo, tfrecords/demo, created if missing)")
-    p.add_argument("--epochs", type=positive_int, help=f"per trial (default: 20; on the demo {DEMO_EPOCHS})")
+    p.add_argument("--epochs", type=positive_int, help="per trial (default: the family's preset; on the demo "
+                   "its search's demo_epochs: cnn 10, the others 2)")
     p.add_argument("--momentum", type=number_list(0, 1, "momenta"),
-                   help="CNN: SGD momenta (default: 0.99,0.97,0.95,0.9,0)")
+                   help="SGD momenta, for a family whose search uses SGD (the CNN: 0.99,0.97,0.95,0.9,0)")
     p.add_argument("--lr", type=number_list(1e-12, math.inf, "learning rates"),
-                   help="learning rates (default: CNN 0.001,0.002,0.005,0.01,0.02; CRNN 1e-4,2e-4,5e-4,1e-3,2e-3)")
-    p.add_argument("--length", type=positive_int, help="CNN: filter length of the strided convolution (default 256)")
-    p.add_argument("--stride", type=positive_int, help="CNN: its stride (default 256)")
+                   help="learning rates (default: the family's grid; CNN 0.001,0.002,0.005,0.01,0.02, the "
+                   "others 1e-4,2e-4,5e-4,1e-3,2e-3)")
     p.add_argument("--batch-size", type=positive_int)
-    p.add_argument("--width", type=float, help="multiply channel counts (tests, quick checks)")
-    p.add_argument("--precision", choices=tuple(train.PRECISIONS), help="as tagger.train's (default: float32)")
+    p.add_argument("--width", type=positive_float, help="multiply channel counts (tests, quick checks)")
+    p.add_argument("--precision", choices=tuple(configs.PRECISIONS), help="as tagger.train's (default: float32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="search folder (default: runs/search-<arch>-<data>-...)")
     p.add_argument("--runs-dir", default="runs")
     args = p.parse_args(argv)
-    if args.arch == "crnn" and (args.momentum or args.length or args.stride):
-        p.error("--momentum, --length and --stride are for the CNN; the CRNN search tunes Adam's --lr")
-    if (args.length is None) != (args.stride is None):
-        p.error("give --length and --stride together")
-    if args.width is not None and args.width <= 0:
-        p.error(f"--width {args.width} must be greater than 0")
-    return args
+    family, given = configs.check_family_flags(p, args)
+    if args.momentum and "momentum" not in family.search:
+        p.error(f"--momentum goes with a search over SGD; the {family.name} search tunes "
+                f"{family.search['optimizer']}'s --lr only")
+    return args, family, given
 
 
-def search_config(args):
+def search_config(parsed):
     """The base training Config of every trial (the grid replaces lr and momentum) and the grid."""
-    demo = args.data is None
-    values = {**train.STUDY[args.arch], **(train.DEMO[args.arch] if demo else {})}
-    values.update(optimizer="sgd" if args.arch == "cnn" else "adam",
-                  epochs=args.epochs or (DEMO_EPOCHS[args.arch] if demo else values["epochs"]))
-    for key in ("batch_size", "width", "length", "stride", "precision"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
-    config = train.Config(arch=args.arch, data=args.data or train.DEMO_DATA, demo=demo, seed=args.seed,
-                          runs_dir=args.runs_dir, **values)
-    if args.arch == "cnn":
-        grid = {"momentum": args.momentum or STUDY_GRID["momentum"], "lr": args.lr or STUDY_GRID["lr"]}
-    else:
-        grid = {"lr": args.lr or CRNN_LRS}
+    args, family, given = parsed
+    search = family.search
+    settings = {k: getattr(args, k) for k in ("batch_size", "width", "precision") if getattr(args, k) is not None}
+    base = configs.preset_config(family, args.data)
+    config = configs.preset_config(
+        family, args.data, **settings, **given, seed=args.seed, runs_dir=args.runs_dir, schedule="constant",
+        optimizer=search["optimizer"], epochs=args.epochs or (search["demo_epochs"] if base.demo else base.epochs))
+    grid = {"lr": args.lr or search["lr"]}
+    if "momentum" in search:
+        grid = {"momentum": args.momentum or search["momentum"], **grid}
     return config, grid
 
 
 def default_out(config):
     data = os.path.basename(config.data.rstrip("/"))
     width = f"-w{config.width:g}" if config.width != 1 else ""
-    shape = f"-l{config.length}s{config.stride}" if config.arch == "cnn" else ""
+    shape = config.family.run_name.format(**config.option_values())
     return (f"{config.runs_dir}/search-{config.arch}{shape}{width}-{data}-{config.optimizer}-b{config.batch_size}"
-            f"-e{config.epochs}-s{config.seed}{train.PRECISIONS[config.precision]}")
+            f"-e{config.epochs}-s{config.seed}{configs.PRECISIONS[config.precision]}")
 
 
 def search_settings(config, grid):
     """What search.json records of a search: the trials' training settings and the grid."""
-    return {"config": train.compared_settings(config), "grid": {k: list(v) for k, v in grid.items()}}
+    return {"config": configs.compared_settings(config), "grid": {k: list(v) for k, v in grid.items()}}
 
 
 def check_search_folder(out, config, grid):
@@ -107,7 +102,7 @@ def check_search_folder(out, config, grid):
     default); a folder holding another search is refused."""
     files.makedirs(out)
     diff = files.recorded_settings_differ(f"{out}/search.json", search_settings(config, grid),
-                                          {"config": train.config_defaults()})
+                                          {"config": configs.config_defaults()})
     if diff:
         raise UsageError(f"{out} holds a search with other settings ({', '.join(diff)} differ): pass "
                          "another --out, or the flags of that search to resume it")
@@ -186,7 +181,7 @@ def collect(trials, grid):
     return cells
 
 
-def write_table(out, cells, grid, arch):
+def write_table(out, cells, grid, config):
     """Table I: rows momentum (or the optimizer), columns learning rate, cells the best validation
     ROC-AUC of the trial; the best cell in bold. CSV and Markdown; returns the Markdown."""
     rows = grid.get("momentum", (None,))
@@ -200,21 +195,22 @@ def write_table(out, cells, grid, arch):
         text = f"{c['val_auc']:.4f}" + (" (diverged)" if c["diverged"] else "")
         return f"**{text}**" if bold and key == best else text
 
-    head = "momentum \\ lr" if arch == "cnn" else "optimizer \\ lr"
-    label = (lambda m: f"{m:g}") if arch == "cnn" else (lambda m: "adam")
+    sgd = "momentum" in grid
+    head = "momentum \\ lr" if sgd else "optimizer \\ lr"
+    label = (lambda m: f"{m:g}") if sgd else (lambda m: config.optimizer)
     lines = [f"| {head} | " + " | ".join(f"{lr:g}" for lr in grid["lr"]) + " |",
              "|---" * (len(grid["lr"]) + 1) + "|"]
-    rows_csv = [["momentum" if arch == "cnn" else "optimizer"] + [f"{lr:g}" for lr in grid["lr"]]]
+    rows_csv = [["momentum" if sgd else "optimizer"] + [f"{lr:g}" for lr in grid["lr"]]]
     for m in rows:
         rows_csv.append([label(m)] + [cell((m, lr), False) for lr in grid["lr"]])
         lines.append(f"| {label(m)} | " + " | ".join(cell((m, lr), True) for lr in grid["lr"]) + " |")
     files.write_text(f"{out}/table.csv", files.csv_text(rows_csv))
     text = "\n".join(lines) + "\n"
-    files.write_text(f"{out}/table.md", f"Best validation ROC-AUC per trial ({arch}); bold: the best trial.\n\n{text}")
+    files.write_text(f"{out}/table.md", f"Best validation ROC-AUC per trial ({config.arch}); bold: the best trial.\n\n{text}")
     return text, best
 
 
-def write_curves(out, cells, grid):
+def write_curves(out, cells, grid, config):
     """The study's Fig. 7: validation ROC-AUC per epoch for each learning rate, CSV and PNG."""
     import matplotlib
     matplotlib.use("Agg")
@@ -229,14 +225,15 @@ def write_curves(out, cells, grid):
         ax.plot(range(1, len(c) + 1), c, "o-", ms=3, label=f"lr {lr:g}")
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation ROC-AUC")
-    ax.set_title("CRNN, Adam: validation ROC-AUC per epoch")
+    ax.set_title(f"{config.arch}, {config.optimizer}: validation ROC-AUC per epoch")
     ax.legend()
     fig.tight_layout()
     files.write_bytes(f"{out}/val_auc_per_epoch.png", files.figure_png(fig))
 
 
-def run(args):
-    config, grid = search_config(args)
+def run(parsed):
+    config, grid = search_config(parsed)
+    args = parsed[0]
     train.check_data_folder(config)
     out = (args.out or default_out(config)).rstrip("/")
     tuner_id = os.environ.get("KERASTUNER_TUNER_ID")
@@ -259,10 +256,10 @@ def run(args):
     model = train.build_model(config, manifest)    # a length/stride that does not fit the clips: one line now
     check_search_folder(out, config, grid)
     tuner = make_tuner(config, grid, manifest, out)
-    keep = model.input_shape[-1] if config.arch == "cnn" else None
-    train_ds = data.dataset(config.data, "train", config.arch, config.batch_size, manifest, shuffle_seed=config.seed,
-                            shuffle_buffer=config.shuffle_buffer, sub_clip_samples=keep)
-    valid_ds = data.dataset(config.data, "valid", config.arch, config.batch_size, manifest, sub_clip_samples=keep)
+    layout = config.family.layout
+    train_ds = data.dataset(config.data, "train", layout, config.batch_size, manifest, shuffle_seed=config.seed,
+                            shuffle_buffer=config.shuffle_buffer, input_shape=model.input_shape)
+    valid_ds = data.dataset(config.data, "valid", layout, config.batch_size, manifest, input_shape=model.input_shape)
     tuner.search(train_ds, validation_data=valid_ds, epochs=config.epochs,
                  verbose=1 if sys.stdout.isatty() else 2,
                  callbacks=[keras.callbacks.TensorBoard(f"{out}/tensorboard", update_freq="epoch", profile_batch=0),
@@ -271,14 +268,14 @@ def run(args):
         print(f"Worker {tuner_id}: no trials left; the chief writes the tables")
         return EXIT_OK
     cells = collect(tuner.oracle.trials.values(), grid)
-    table, best = write_table(out, cells, grid, config.arch)
+    table, best = write_table(out, cells, grid, config)
     print("\nBest validation ROC-AUC per trial:\n\n" + table)
     if best:
         what = (f"momentum {best[0]:g}, " if best[0] is not None else "") + f"lr {best[1]:g}"
         print(f"Best: {what} (validation ROC-AUC {cells[best]['val_auc']:.4f}, trial {cells[best]['trial']})")
     written = [f"{out}/table.md", f"{out}/table.csv"]
-    if config.arch == "crnn":
-        write_curves(out, cells, grid)
+    if "momentum" not in grid:
+        write_curves(out, cells, grid, config)
         written += [f"{out}/val_auc_per_epoch.csv", f"{out}/val_auc_per_epoch.png"]
     print("Wrote " + ", ".join(written))
     print(f"  trials and their curves with hyperparameters: tensorboard --logdir {out}/tensorboard (HParams tab)")
