@@ -102,14 +102,15 @@ def stage_pipeline(quick, archs):
                     "sample_rate": 16000, "splits": {"train": {"clips": clips, "shards": names}}}
         for family in {models.get(name).layout: models.get(name) for name in archs}.values():
             model, config, _, _ = _model_and_batch(family, "float32")
-            ds = data.dataset(tmp, "train", family.layout, config.batch_size, manifest, shuffle_seed=0,
-                              shuffle_buffer=64, input_shape=model.input_shape)
-            for _ in ds.take(2):       # warm-up: open files, start threads
-                pass
+            ds = data.training_dataset(tmp, family.layout, config.batch_size, manifest, model.input_shape, 0,
+                                       shuffle_buffer=64)
+            batches = iter(ds)
+            for _ in range(2):       # warm-up: open files, start threads
+                next(batches)
             n, start = 0, time.perf_counter()
             while time.perf_counter() - start < _size("pipeline_seconds", quick):
-                for waves, _ in ds:
-                    n += int(waves.shape[0])
+                waves, _ = next(batches)
+                n += int(waves.shape[0])
             result[f"pipeline_{family.layout.name}_clips_per_s"] = n / (time.perf_counter() - start)
             result[f"pipeline_{family.layout.name}_shape"] = "x".join(str(d) for d in waves.shape[1:])
     return result

@@ -39,6 +39,7 @@ class Config:
     run_name: str = ""
     runs_dir: str = "runs"
     models_dir: str = "saved_models"
+    stop_after: int = 0         # stop (resumably) once this epoch is done, before --epochs; 0: never
     demo: bool = False
     options: tuple = ()         # the family's own settings, ((name, value), ...) in its order
 
@@ -158,8 +159,9 @@ def preset_config(family, data=None, **settings):
 
 
 def compared_settings(config):
-    """The settings two runs (or searches) must share to be the same: all but the output folders."""
-    return {k: v for k, v in config.settings().items() if k not in ("runs_dir", "models_dir")}
+    """The settings two runs (or searches) must share to be the same: all but the output folders and
+    where a session stops."""
+    return {k: v for k, v in config.settings().items() if k not in ("runs_dir", "models_dir", "stop_after")}
 
 
 def config_defaults():

@@ -67,40 +67,88 @@ def to_sub_clips(waveform, num_sub_clips=NUM_SUB_CLIPS, keep=None):
     return pieces if keep is None else pieces[..., :keep]
 
 
-def dataset(data_dir, split, layout, batch_size, manifest=None, shuffle_seed=None, shuffle_buffer=1024,
-            with_ids=False, drop_remainder=False, input_shape=None):
-    """Batches of (model inputs, labels) from one split.
-
-    Args:
-      layout: the family's layout (`tagger.models.family`), which turns a clip into the model's input.
-      input_shape: the model's input shape (`model.input_shape`), which some layouts need.
-      shuffle_seed: None for evaluation (file order, no randomness); an int shuffles shards and
-        records with that seed, anew each epoch.
-      with_ids: also yield (clip_id, path) per clip, for per-clip outputs.
-    """
-    manifest = manifest or load_manifest(data_dir)
-    num_tags = len(manifest["tags"])
+def _records(data_dir, manifest, split, file_seed=None):
+    """The split's serialized records, its shards read 8 at a time (in an order drawn from `file_seed`,
+    a [2] seed tensor)."""
     files = shard_paths(data_dir, manifest, split)
     if not files:
         raise UsageError(f"{data_dir} has no {split} clips: prepare it with clips in that split")
-    training = shuffle_seed is not None
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    if training:
-        ds = ds.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)
-    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8), block_length=1,
-                       num_parallel_calls=AUTOTUNE, deterministic=True)
-    if training:
-        ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed + 1, reshuffle_each_iteration=True)
+    files = tf.constant(files)
+    if file_seed is not None:
+        files = tf.random.experimental.stateless_shuffle(files, file_seed)
+    return tf.data.Dataset.from_tensor_slices(files).interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8), block_length=1,
+                         num_parallel_calls=AUTOTUNE, deterministic=True)
+
+
+def _counted(batches, count):
+    """With the number of batches the manifest gives (Keras's progress bar and epoch end), prefetched."""
+    return batches.apply(tf.data.experimental.assert_cardinality(count)).prefetch(AUTOTUNE)
+
+
+def steps_per_epoch(manifest, split, batch_size):
+    return -(-manifest["splits"][split]["clips"] // batch_size)
+
+
+def dataset(data_dir, split, layout, batch_size, manifest=None, input_shape=None):
+    """Batches of (model inputs, labels) of one split in file order, as evaluation reads them (no
+    randomness): each clip arranged by the family's layout (`tagger.models.family`) for a model of
+    input shape `input_shape` (`model.input_shape`, which some layouts need)."""
+    manifest = manifest or load_manifest(data_dir)
+    num_tags, clip_samples = len(manifest["tags"]), manifest["clip_samples"]
 
     def prepare(serialized):
-        pcm, labels, clip_id, path = parse_example(serialized, num_tags, manifest["clip_samples"])
-        waves = layout.model_input(scale(pcm), input_shape, training=training)
-        return ((waves, labels, clip_id, path) if with_ids else (waves, labels))
+        pcm, labels, _, _ = parse_example(serialized, num_tags, clip_samples)
+        return layout.model_input(scale(pcm), input_shape), labels
 
-    ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    # The manifest knows the clip count: a known length gives Keras its progress bar and epoch end.
-    clips = manifest["splits"][split]["clips"]
-    batches = clips // batch_size if drop_remainder else -(-clips // batch_size)
-    ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
-    return ds.prefetch(AUTOTUNE)
+    ds = _records(data_dir, manifest, split).map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
+    return _counted(ds.batch(batch_size), steps_per_epoch(manifest, split, batch_size))
+
+
+def epoch_seed(seed, epoch):
+    """The seed of one epoch's randomness (shard order, shuffle, the layout's random pieces)."""
+    return tf.cast(seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64)
+
+
+def window_shuffle(ds, size, seed):
+    """Each run of `size` consecutive elements in an order drawn from (seed, its index): a stateless
+    shuffle, the same for the same seed whatever was drawn before (tf.data's shuffle takes its seed
+    from TensorFlow's global seed as well, which a resumed run cannot replay). Holds about two windows
+    at a time, as a shuffle buffer of `size` holds one."""
+    def permute(index, window):
+        # The second half of the key is negative: clip ids (the layouts' pieces) take the others.
+        order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(window[0])[0]), tf.stack([seed, -2 - index]))
+        return tuple(tf.gather(part, order) for part in window)
+
+    return ds.batch(size).enumerate().map(permute, num_parallel_calls=AUTOTUNE, deterministic=True).unbatch()
+
+
+def training_dataset(data_dir, layout, batch_size, manifest, input_shape, seed, first_epoch=0, shuffle_buffer=512):
+    """Training batches of epochs first_epoch, first_epoch + 1, ..., one epoch after the other without
+    end (fit it with `steps_per_epoch(manifest, "train", batch_size)`). Each epoch's shard order, shuffle (windows of
+    `shuffle_buffer` records) and the layout's random pieces (a short-chunk family's chunks) are drawn
+    from (seed, epoch) alone, so a run resumed at epoch K reads exactly the batches an uninterrupted
+    run reads from epoch K on. The layout's piece is cut from the int16 clip before the shuffle, which
+    holds what training keeps of each clip."""
+    num_tags, clip_samples = len(manifest["tags"]), manifest["clip_samples"]
+
+    def one_epoch(epoch):
+        epoch_rng = epoch_seed(seed, epoch)
+
+        def piece(serialized):
+            pcm, labels, clip_id, _ = parse_example(serialized, num_tags, clip_samples)
+            return layout.training_piece(pcm, clip_id, epoch_rng), labels
+
+        def arrange(pcm, labels):
+            return layout.model_input(scale(pcm), input_shape, training=True), labels
+
+        ds = _records(data_dir, manifest, "train", file_seed=tf.stack([epoch_rng, -1]))
+        ds = ds.map(piece, num_parallel_calls=AUTOTUNE, deterministic=True)
+        ds = window_shuffle(ds, shuffle_buffer, epoch_rng)
+        ds = ds.map(arrange, num_parallel_calls=AUTOTUNE, deterministic=True)
+        return ds.batch(batch_size)
+
+    # Endless, epoch after epoch, whatever `epochs` says: under MirroredStrategy, Keras 3.6's iterator
+    # loses the last batch of a finite dataset, and the last step of a fit depends on what follows it
+    # in the dataset (TF 2.16); with what follows always the next epoch, a run stopped and resumed at
+    # any epoch computes the very steps of an uninterrupted one.
+    return tf.data.Dataset.counter(first_epoch).flat_map(one_epoch).prefetch(AUTOTUNE)

@@ -38,6 +38,8 @@ def build_parser(prog=PROG):
                    "(the global batch is --batch-size x replicas)")
     p.add_argument("--run-name", help="name under runs/ and saved_models/ (default: from the settings)")
     p.add_argument("--restore-best", action="store_true", help="export the best val_auc epoch, not the last")
+    p.add_argument("--stop-after", type=positive_int, metavar="EPOCH", help="stop once this epoch is done, "
+                   "checkpointed: the same command without it (or with a later one) goes on from there")
     p.add_argument("--shuffle-buffer", type=positive_int, help="records in the shuffle buffer (default 512)")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--models-dir", default="saved_models")
@@ -217,8 +219,6 @@ def run(cfg):
         json.dump(info, f, indent=1)
 
     layout, input_shape = family.layout, model.input_shape
-    train_ds = data.dataset(cfg.data, "train", layout, global_batch, manifest, shuffle_seed=cfg.seed,
-                            shuffle_buffer=cfg.shuffle_buffer, input_shape=input_shape)
     valid_ds = data.dataset(cfg.data, "valid", layout, global_batch, manifest, input_shape=input_shape)
     ckpt_dir = f"{run_dir}/checkpoint"
     state = callbacks.read_state(ckpt_dir)
@@ -234,14 +234,18 @@ def run(cfg):
     checkpoint = callbacks.EpochCheckpoint(ckpt_dir, state=state)
     guard = callbacks.NanGuard(checkpoint)
     board = keras.callbacks.TensorBoard(run_dir, update_freq="epoch", profile_batch=0)
+    last = min(cfg.epochs, cfg.stop_after or cfg.epochs)
     for phase in phases:
-        if phase.end <= initial_epoch or guard.where:
+        if phase.end <= initial_epoch or phase.start >= last or guard.where:
             continue
-        first = max(phase.start, initial_epoch)
+        first, end = max(phase.start, initial_epoch), min(phase.end, last)
         if phase != previous:
             with scope():
                 switch_phase(model, cfg, replicas, phase, previous, checkpoint, ckpt_dir)
-        model.fit(train_ds, validation_data=valid_ds, epochs=phase.end, initial_epoch=first,
+        train_ds = data.training_dataset(cfg.data, layout, global_batch, manifest, input_shape, cfg.seed, first,
+                                         cfg.shuffle_buffer)
+        model.fit(train_ds, validation_data=valid_ds, epochs=end, initial_epoch=first,
+                  steps_per_epoch=data.steps_per_epoch(manifest, "train", global_batch),
                   verbose=1 if sys.stdout.isatty() else 2, callbacks=[board, checkpoint, guard])
         previous = phase
     train_seconds = checkpoint.train_seconds
@@ -252,6 +256,10 @@ def run(cfg):
                          f"training stopped (last good checkpoint: epoch {last} in {ckpt_dir}). Try a lower "
                          f"--lr (now {cfg.lr:g}).\n")
         return EXIT_FAILED
+    if last < cfg.epochs:
+        print(f"Stopped after epoch {last} of {cfg.epochs} (--stop-after); the checkpoint is in {ckpt_dir}: the "
+              "same command without --stop-after goes on from there", file=sys.stderr)
+        return EXIT_OK
     exported_epoch = cfg.epochs
     if cfg.restore_best and checkpoint.best:
         callbacks.load_weights(model, f"{ckpt_dir}/{checkpoint.best['weights']}", model_only=True)

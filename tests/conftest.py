@@ -23,6 +23,24 @@ def run_cli(module, *args, cwd=ROOT, timeout=600, env=None):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def assert_same_weights(a, b):
+    """Two Keras weights files hold the same model and optimizer variables, bit for bit."""
+    import h5py
+    import numpy as np
+
+    def read(path):
+        values = {}
+        with h5py.File(path) as f:
+            f.visititems(lambda name, item: values.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset)
+                         else None)
+        return values
+
+    first, second = read(a), read(b)
+    assert first.keys() == second.keys() and any(k.startswith("optimizer") for k in first)
+    for key in first:
+        np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+
+
 @pytest.fixture(scope="session")
 def tiny_release(tmp_path_factory):
     from tagger import demo

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY_SAMPLES, run_cli
+from conftest import ROOT, TINY_SAMPLES, assert_same_weights, run_cli
 from tagger.evaluate import tag_metrics
 
 TINY = ["--width", "0.125", "--batch-size", "4"]
@@ -140,6 +140,25 @@ def test_resume_after_sigkill(tiny_records, tmp_path):
     assert f"Resuming from epoch {done} of 6" in r.stderr
     metrics = json.loads((tmp_path / "models" / "killed" / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("args", [["--arch", "cnn"], ["--arch", "crnn", "--lr", "1e-3"],
+                                  ["--arch", "cnn", "--strategy", "mirrored", "--devices", "2", "--batch-size", "2"]],
+                         ids=["cnn", "crnn", "mirrored"])
+def test_a_run_stopped_and_resumed_ends_as_an_uninterrupted_one(tiny_records, tmp_path, args):
+    """Each epoch's order is a function of (seed, epoch): a run stopped after epoch 2 and resumed reads the
+    batches an uninterrupted run reads, and ends with the same weights and optimizer state."""
+    r = _train(tmp_path, tiny_records, *args, "--epochs", "3", name="whole")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _train(tmp_path, tiny_records, *args, "--epochs", "3", "--stop-after", "2", name="parts")
+    assert r.returncode == 0 and "Stopped after epoch 2 of 3" in r.stderr, r.stderr[-3000:]
+    assert not (tmp_path / "models" / "parts").exists()
+    r = _train(tmp_path, tiny_records, *args, "--epochs", "3", name="parts")
+    assert r.returncode == 0 and "Resuming from epoch 2 of 3" in r.stderr, r.stderr[-3000:]
+    assert_same_weights(*(tmp_path / "runs" / name / "checkpoint" / "epoch-0003.weights.h5" for name in ("whole", "parts")))
+    metrics = [json.loads((tmp_path / "models" / name / "metrics.json").read_text()) for name in ("whole", "parts")]
+    assert metrics[0]["test"]["roc_auc"] == metrics[1]["test"]["roc_auc"]
+    assert [h["loss"] for h in metrics[0]["history"]] == [h["loss"] for h in metrics[1]["history"]]
 
 
 def test_same_seed_same_result(tiny_records, tmp_path):

@@ -257,10 +257,11 @@ def run(parsed):
     check_search_folder(out, config, grid)
     tuner = make_tuner(config, grid, manifest, out)
     layout = config.family.layout
-    train_ds = data.dataset(config.data, "train", layout, config.batch_size, manifest, shuffle_seed=config.seed,
-                            shuffle_buffer=config.shuffle_buffer, input_shape=model.input_shape)
+    train_ds = data.training_dataset(config.data, layout, config.batch_size, manifest, model.input_shape, config.seed,
+                                     shuffle_buffer=config.shuffle_buffer)
     valid_ds = data.dataset(config.data, "valid", layout, config.batch_size, manifest, input_shape=model.input_shape)
     tuner.search(train_ds, validation_data=valid_ds, epochs=config.epochs,
+                 steps_per_epoch=data.steps_per_epoch(manifest, "train", config.batch_size),
                  verbose=1 if sys.stdout.isatty() else 2,
                  callbacks=[keras.callbacks.TensorBoard(f"{out}/tensorboard", update_freq="epoch", profile_batch=0),
                             keras.callbacks.TerminateOnNaN()])
