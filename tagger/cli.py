@@ -15,7 +15,12 @@ class UsageError(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line naming the fix, exit status 2."""
+    """argparse that reports a bad flag in one line naming the fix, exit status 2, and takes flags
+    whole (no abbreviations: --arch is not --archs)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")

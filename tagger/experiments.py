@@ -211,22 +211,24 @@ def write_zoo(args, results):
             values = [m[key] for m in done if m.get(key) is not None]
             return sum(values) / len(values) if values else math.nan
 
+        flops = done[0].get("forward_flops_per_clip") if done else None
         rows.append({**row, "trainable_params": done[0].get("trainable_params") if done else None,
-                     "gflops_per_clip": mean("forward_flops_per_clip") / 1e9, "train_seconds": mean("train_seconds"),
-                     "train_clips_per_s": mean("train_clips_per_s"), "epochs": runs[0][0].epochs})
+                     "forward_flops_per_clip": flops, "train_seconds": round(mean("train_seconds"), 1),
+                     "train_clips_per_s": round(mean("train_clips_per_s"), 2), "epochs": runs[0][0].epochs})
     data = os.path.basename(first.data.rstrip("/"))
     out = (args.out or f"{first.runs_dir}/experiments/zoo-{data}-seeds{args.seed}-{args.seed + args.runs - 1}").rstrip("/")
     files.makedirs(out)
-    keys = ["family", "trainable_params", "gflops_per_clip", "runs", "failed", "roc_auc_mean", "roc_auc_std",
+    keys = ["family", "trainable_params", "forward_flops_per_clip", "runs", "failed", "roc_auc_mean", "roc_auc_std",
             "pr_auc_mean", "pr_auc_std", "epochs", "train_seconds", "train_clips_per_s", "run_names"]
     files.write_text(f"{out}/zoo.csv", files.csv_text(
-        [keys] + [[f"{row[k]:.4f}" if isinstance(row[k], float) else row[k] for k in keys] for row in rows]))
+        [keys] + [[f"{row[k]:.4f}" if k.startswith(("roc", "pr")) else row[k] for k in keys] for row in rows]))
     lines = ["| family | parameters | GFLOP / clip | runs | test ROC-AUC | test PR-AUC | epochs | training | "
              "clips/s |", "|---|---:|---:|---:|---|---|---:|---:|---:|"]
     for row in rows:
         params = "n/a" if row["trainable_params"] is None else f"{row['trainable_params']:,}"
+        gflops = "n/a" if row["forward_flops_per_clip"] is None else f"{row['forward_flops_per_clip'] / 1e9:.3g}"
         minutes, seconds = divmod(round(row["train_seconds"]), 60) if row["runs"] else (0, 0)
-        lines.append(f"| {row['family']} | {params} | {row['gflops_per_clip']:.3g} | {row['runs']}"
+        lines.append(f"| {row['family']} | {params} | {gflops} | {row['runs']}"
                      + (f" ({row['failed']} failed)" if row["failed"] else "")
                      + f" | {row['roc_auc_mean']:.4f} ± {row['roc_auc_std']:.4f}"
                      + f" | {row['pr_auc_mean']:.4f} ± {row['pr_auc_std']:.4f} | {row['epochs']}"

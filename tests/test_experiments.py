@@ -81,6 +81,40 @@ def test_compare_two_models(table2):
     assert (out / "per_tag.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_zoo_tables_every_family_asked_from_its_runs(tiny_records, tmp_path):
+    """zoo: one row per family (here two, two seeds each, tiny), its figures from the metrics of its
+    runs; the short-chunk family's export evaluates (tagger.evaluate, through serving_default's 16
+    chunks) as training did."""
+    dirs = ["--runs-dir", tmp_path / "runs", "--models-dir", tmp_path / "models"]
+    r = run_cli("tagger.experiments", "zoo", "--archs", "cnn,samplecnn", "--runs", "2", "--data", tiny_records,
+                "--epochs", "1", "--width", "0.125", "--batch-size", "4", "--out", tmp_path / "zoo", *dirs)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = _csv(tmp_path / "zoo" / "zoo.csv")
+    assert [row["family"] for row in rows] == ["cnn", "samplecnn"]
+    for row in rows:
+        runs = [_metrics(tmp_path / "models", name) for name in row["run_names"].split()]
+        assert len(runs) == 2 and row["runs"] == "2" and row["failed"] == "0"
+        aucs = [m["test"]["roc_auc"] for m in runs]
+        assert float(row["roc_auc_mean"]) == pytest.approx(np.mean(aucs), abs=5e-5)
+        assert float(row["roc_auc_std"]) == pytest.approx(np.std(aucs, ddof=1), abs=5e-5)
+        assert int(row["trainable_params"]) == runs[0]["trainable_params"] > 0
+        assert int(row["forward_flops_per_clip"]) == runs[0]["forward_flops_per_clip"] > 0
+        assert float(row["train_clips_per_s"]) == pytest.approx(np.mean([m["train_clips_per_s"] for m in runs]),
+                                                                 abs=0.01)
+    flops = {row["family"]: int(row["forward_flops_per_clip"]) for row in rows}
+    from tagger.models.flops import forward_flops
+    from tagger.models.samplecnn import FILTERS, build_samplecnn
+    chunk_model = build_samplecnn(11, filters=tuple(round(f * 0.125) for f in FILTERS))
+    assert flops["samplecnn"] == 16 * forward_flops(chunk_model)        # the 16 chunks of a test clip
+    table = (tmp_path / "zoo" / "zoo.md").read_text()
+    assert table.count("\n| cnn |") == 1 and table.count("\n| samplecnn |") == 1 and "± " in table
+    export = tmp_path / "models" / rows[1]["run_names"].split()[0]
+    e = run_cli("tagger.evaluate", "--model", export, "--data", tiny_records, "--out", tmp_path / "eval")
+    assert e.returncode == 0, e.stderr[-3000:]
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())["test"]["roc_auc"]
+    assert again == pytest.approx(_metrics(tmp_path / "models", export.name)["test"]["roc_auc"], abs=1e-4)
+
+
 @pytest.mark.parametrize("args, message", [
     (["table2", "--arch", "crnn"], "--arch is set by 'table2' itself"),
     (["table2", "--runs", "0"], "at least 1"),
@@ -88,6 +122,8 @@ def test_compare_two_models(table2):
     (["repeat", "--data", "/no/such/records"], "no manifest.json"),
     (["compare", "/no/model/a", "/no/model/b"], "is not a tagger export"),
     (["bogus"], "invalid choice"),
+    (["zoo", "--archs", "cnn,vgg"], "unknown family vgg"),
+    (["zoo", "--arch", "cnn"], "--arch is set by 'zoo' itself"),
 ])
 def test_usage_errors(args, message):
     r = run_cli("tagger.experiments", *args)

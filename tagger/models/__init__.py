@@ -15,6 +15,8 @@ from tagger.models.family import Chunks, DoesNotFit, Family, Option, SubClips, W
 REGISTRY = {
     "cnn": "tagger.models.cnn",              # Dieleman & Schrauwen 2014, raw audio, 10 sub-clips
     "crnn": "tagger.models.crnn",            # Choi et al. 2017, log-mel, whole clips
+    "samplecnn": "tagger.models.samplecnn",  # Lee et al. 2017, raw audio, short chunks
+    "shortres": "tagger.models.shortres",    # Won et al. 2020, log-mel short-chunk ResNet
 }
 DEFAULT = "crnn"
 

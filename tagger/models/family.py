@@ -121,7 +121,7 @@ class Chunks(WholeClip):
         import tensorflow as tf
         span = tf.shape(pcm)[-1] - self.samples + 1
         offset = tf.random.stateless_uniform([], tf.stack([tf.cast(seed, tf.int64), clip_id]), 0, span, tf.int32)
-        return pcm[..., offset:offset + self.samples]
+        return tf.ensure_shape(pcm[offset:offset + self.samples], [self.samples])
 
     def model_input(self, waves, input_shape, training=False):
         import tensorflow as tf
