@@ -78,9 +78,11 @@ def arch_list(text):
     """argparse type: comma-separated registered family names."""
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     unknown = [n for n in names if n not in models.REGISTRY]
-    if not names or unknown:
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: no family given")
+    if unknown:
         raise argparse.ArgumentTypeError(f"{text!r}: unknown famil{'ies' if len(unknown) > 1 else 'y'} "
-                                         f"{', '.join(unknown) or '(none given)'} (registered: {', '.join(models.names())})")
+                                         f"{', '.join(unknown)} (registered: {', '.join(models.names())})")
     return names
 
 

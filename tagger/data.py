@@ -73,16 +73,12 @@ def _records(data_dir, manifest, split, file_seed=None):
     files = shard_paths(data_dir, manifest, split)
     if not files:
         raise UsageError(f"{data_dir} has no {split} clips: prepare it with clips in that split")
-    files = tf.constant(files)
+    paths = tf.constant(files)
     if file_seed is not None:
-        files = tf.random.experimental.stateless_shuffle(files, file_seed)
-    return tf.data.Dataset.from_tensor_slices(files).interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8), block_length=1,
-                         num_parallel_calls=AUTOTUNE, deterministic=True)
-
-
-def _counted(batches, count):
-    """With the number of batches the manifest gives (Keras's progress bar and epoch end), prefetched."""
-    return batches.apply(tf.data.experimental.assert_cardinality(count)).prefetch(AUTOTUNE)
+        paths = tf.random.experimental.stateless_shuffle(paths, file_seed)
+    return tf.data.Dataset.from_tensor_slices(paths).interleave(
+        tf.data.TFRecordDataset, cycle_length=min(len(files), 8), block_length=1, num_parallel_calls=AUTOTUNE,
+        deterministic=True)
 
 
 def steps_per_epoch(manifest, split, batch_size):
@@ -101,7 +97,9 @@ def dataset(data_dir, split, layout, batch_size, manifest=None, input_shape=None
         return layout.model_input(scale(pcm), input_shape), labels
 
     ds = _records(data_dir, manifest, split).map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
-    return _counted(ds.batch(batch_size), steps_per_epoch(manifest, split, batch_size))
+    # The manifest knows the clip count: a known length gives Keras its progress bar and epoch end.
+    batches = tf.data.experimental.assert_cardinality(steps_per_epoch(manifest, split, batch_size))
+    return ds.batch(batch_size).apply(batches).prefetch(AUTOTUNE)
 
 
 def epoch_seed(seed, epoch):
@@ -116,7 +114,8 @@ def window_shuffle(ds, size, seed):
     at a time, as a shuffle buffer of `size` holds one."""
     def permute(index, window):
         # The second half of the key is negative: clip ids (the layouts' pieces) take the others.
-        order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(window[0])[0]), tf.stack([seed, -2 - index]))
+        key = tf.stack([seed, -2 - index])
+        order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(window[0])[0]), key)
         return tuple(tf.gather(part, order) for part in window)
 
     return ds.batch(size).enumerate().map(permute, num_parallel_calls=AUTOTUNE, deterministic=True).unbatch()
@@ -124,11 +123,11 @@ def window_shuffle(ds, size, seed):
 
 def training_dataset(data_dir, layout, batch_size, manifest, input_shape, seed, first_epoch=0, shuffle_buffer=512):
     """Training batches of epochs first_epoch, first_epoch + 1, ..., one epoch after the other without
-    end (fit it with `steps_per_epoch(manifest, "train", batch_size)`). Each epoch's shard order, shuffle (windows of
-    `shuffle_buffer` records) and the layout's random pieces (a short-chunk family's chunks) are drawn
-    from (seed, epoch) alone, so a run resumed at epoch K reads exactly the batches an uninterrupted
-    run reads from epoch K on. The layout's piece is cut from the int16 clip before the shuffle, which
-    holds what training keeps of each clip."""
+    end (fit it with `steps_per_epoch(manifest, "train", batch_size)`). Each epoch's shard order,
+    shuffle (windows of `shuffle_buffer` records) and the layout's random pieces (a short-chunk
+    family's chunks) are drawn from (seed, epoch) alone, so a run resumed at epoch K reads exactly the
+    batches an uninterrupted run reads from epoch K on. The layout's piece is cut from the int16 clip
+    before the shuffle, which holds what training keeps of each clip."""
     num_tags, clip_samples = len(manifest["tags"]), manifest["clip_samples"]
 
     def one_epoch(epoch):
@@ -147,7 +146,7 @@ def training_dataset(data_dir, layout, batch_size, manifest, input_shape, seed, 
         ds = ds.map(arrange, num_parallel_calls=AUTOTUNE, deterministic=True)
         return ds.batch(batch_size)
 
-    # Endless, epoch after epoch, whatever `epochs` says: under MirroredStrategy, Keras 3.6's iterator
+    # Endless, epoch after epoch, whatever the run's length: under MirroredStrategy, Keras 3.6's iterator
     # loses the last batch of a finite dataset, and the last step of a fit depends on what follows it
     # in the dataset (TF 2.16); with what follows always the next epoch, a run stopped and resumed at
     # any epoch computes the very steps of an uninterrupted one.

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, TINY_SAMPLES, assert_same_weights, run_cli
+from conftest import TINY_SAMPLES, assert_same_weights, run_cli
 from tagger import config as configs
 from tagger import data, export, models, schedules, train
 from tagger.models.family import Chunks
@@ -228,25 +228,3 @@ def test_weight_decay_is_coupled_as_pytorch_not_decoupled_as_keras(kind):
     decoupled = run(keras_cls(0.05, weight_decay=decay, **kwargs))
     assert np.abs(decoupled - want).max() > 1e-3
     assert np.abs(run(make_optimizer(phase)) - ours).max() > 1e-3          # the decay does something
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--arch", "samplecnn", "--length", "256", "--stride", "256"], "--length is not a setting of samplecnn "
-                                                                    "(samplecnn's own: none)"),
-    (["--arch", "shortres", "--schedule", "won2021"], "--schedule won2021: unknown schedule"),
-    (["--arch", "resnet"], "invalid choice: 'resnet' (choose from 'cnn', 'crnn', 'samplecnn', 'shortres')"),
-])
-def test_family_usage_errors_before_tensorflow(args, message):
-    r = run_cli("tagger.train", *args)
-    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-
-
-def test_registry_and_presets_read_without_tensorflow():
-    code = ("import sys\nfrom tagger import models, config\n"
-            "fams = [models.get(n) for n in models.names()]\n"
-            "print([f.preset(True)['epochs'] for f in fams], config.preset_config(fams[2]).run_name)\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0, r.stderr
-    presets, modules = r.stdout.strip().splitlines()
-    assert modules == "[]" and "samplecnn-w" in presets

@@ -195,6 +195,10 @@ def test_nan_loss_stops_with_status_1(tiny_records, tmp_path):
     (["--schedule", "won2020:3,2,1"], "three increasing epochs"),
     (["--weight-decay", "-1"], "--weight-decay -1.0 must be 0 or more"),
     (["--precision", "float64"], "invalid choice"),
+    (["--arch", "samplecnn", "--length", "256", "--stride", "256"], "--length is not a setting of samplecnn "
+                                                                    "(samplecnn's own: none)"),
+    (["--arch", "shortres", "--schedule", "won2021"], "--schedule won2021: unknown schedule"),
+    (["--arch", "resnet"], "invalid choice: 'resnet' (choose from 'cnn', 'crnn', 'samplecnn', 'shortres')"),
 ])
 def test_train_usage_errors_are_one_line_exit_2(args, message):
     r = run_cli("tagger.train", *args)
@@ -203,13 +207,19 @@ def test_train_usage_errors_are_one_line_exit_2(args, message):
 
 
 def test_commands_check_arguments_before_importing_tensorflow():
-    code = ("import sys\nfrom tagger import train, prepare, evaluate, predict\n"
+    """Flags, the registry's families and their presets are read without TensorFlow."""
+    code = ("import sys\nfrom tagger import train, prepare, evaluate, predict, experiments, bench, models\n"
+            "from tuning import search\n"
             "train.config_from_args(['--arch', 'cnn'])\nprepare.parse_args(['--source', 'demo', '--out', 'x'])\n"
             "predict.parse_args(['a.wav'])\nevaluate.parse_args(['--model', 'm'])\n"
+            "experiments.parse_args(['zoo', '--runs', '1'])\nbench.parse_args(['--quick'])\n"
+            "search.search_config(search.parse_args(['--arch', 'shortres']))\n"
+            "print(train.config_from_args(['--arch', 'samplecnn']).run_name)\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "[]"
+    name, modules = r.stdout.strip().splitlines()
+    assert modules == "[]" and name.startswith("samplecnn-w0.25-demo-adam-lr0.001-b16-e40")
 
 
 def test_length_stride_that_does_not_fit_the_clip(tiny_records, tmp_path):

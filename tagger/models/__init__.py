@@ -10,7 +10,10 @@ this registry; none tests a family's name.
 """
 import importlib
 
-from tagger.models.family import Chunks, DoesNotFit, Family, Option, SubClips, WholeClip  # noqa: F401
+from tagger.models.family import Chunks, DoesNotFit, Family, Option, SubClips, WholeClip
+
+__all__ = ["Chunks", "DoesNotFit", "Family", "Option", "SubClips", "WholeClip", "REGISTRY", "DEFAULT", "names", "get",
+           "families", "all_options", "load_model"]
 
 REGISTRY = {
     "cnn": "tagger.models.cnn",              # Dieleman & Schrauwen 2014, raw audio, 10 sub-clips
