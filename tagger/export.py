@@ -6,12 +6,13 @@
   {"probabilities": (batch, num_tags)}; the family's layout happens inside (the CNN's sub-clips, the
   short-chunk families' evenly spaced chunks).
 - `tag_track`: one 16 kHz waveform of any length (samples,) and `hop_seconds` (scalar; 0 means the
-  window length) -> {"probabilities": (num_tags,), "window_probabilities": (windows, num_tags),
-  "window_starts": (windows,) seconds}. The track is cut into windows of the family's window length
-  (config.json's `window_samples`: the clip, or the chunk of the short-chunk families), the last one
-  aligned to the end of the track; a track shorter than a window is zero-padded. Windows go through
-  the model WINDOW_BATCH at a time in a loop, so a long track never sits in the model at once.
-- `tag_windows`: windows (batch, window_samples) -> {"probabilities": (batch, num_tags)}, each
+  family's hop) -> {"probabilities": (num_tags,), "window_probabilities": (windows, num_tags),
+  "window_starts": (windows,) seconds}. The track is cut into windows as its family says
+  (config.json's "window": the clip, or the chunk of the short-chunk families, the last window aligned
+  to the end of the track; musicnn's patches of 187 frames with their context, the partial last
+  dropped); a track shorter than a window is zero-padded. Windows go through the model WINDOW_BATCH
+  at a time in a loop, so a long track never sits in the model at once.
+- `tag_windows`: windows (batch, window samples) -> {"probabilities": (batch, num_tags)}, each
   window tagged as `tag_track` tags it (what tagger.predict calls).
 - `tag_names`: no input -> {"tags": (num_tags,) string}, the output order.
 """
@@ -31,21 +32,28 @@ SAMPLE_RATE = 16000
 WINDOW_BATCH = 8
 
 
-def window_starts(num_samples, window_samples, hop):
-    """Window start samples over a track: every `hop` samples while a whole window fits, then one more
-    aligned to the end of the track if the last window stopped short of it. A track shorter than a
-    window has one window at 0. Shared by the SavedModel's `tag_track` and `tagger.predict`.
+def padded_length(num_samples, window_samples, lead=0):
+    """A track's length with `lead` zeros before and after it, at least one window."""
+    return max(num_samples + 2 * lead, window_samples)
+
+
+def window_starts(num_samples, window_samples, hop, lead=0, end_aligned=True):
+    """Window starts over a track with `lead` zeros before and after it (in those padded samples): every
+    `hop` samples while a whole window fits, then, if `end_aligned`, one more aligned to the end where
+    the last window stopped short of it. A track shorter than a window has one window at 0. Shared by
+    the SavedModel's `tag_track` and `tagger.predict`.
     """
-    length = max(num_samples, window_samples)
+    length = padded_length(num_samples, window_samples, lead)
     starts = list(range(0, length - window_samples + 1, hop))
-    if starts[-1] + window_samples < length:
+    if end_aligned and starts[-1] + window_samples < length:
         starts.append(length - window_samples)
     return starts
 
 
 def serving_functions(model, layout, clip_samples, tags):
     """The tf.functions the export serves, closed over the Keras model and the family's layout."""
-    window = layout.window_samples(clip_samples)
+    windowing = layout.windowing(clip_samples)
+    window, lead = windowing["samples"], windowing["lead"]
 
     @tf.function(input_signature=[tf.TensorSpec([None, clip_samples], tf.float32, name="waveform")])
     def serve(waveform):
@@ -60,12 +68,13 @@ def serving_functions(model, layout, clip_samples, tags):
     def tag_track(waveform, hop_seconds):
         n = tf.shape(waveform)[0]
         hop = tf.cast(tf.round(hop_seconds * SAMPLE_RATE), tf.int32)
-        hop = tf.where(hop > 0, hop, window)
-        padded = tf.pad(waveform, [[0, tf.maximum(window - n, 0)]])
-        length = tf.maximum(n, window)
+        hop = tf.where(hop > 0, hop, windowing["hop"])
+        length = tf.maximum(n + 2 * lead, window)         # padded_length
+        padded = tf.pad(waveform, [[lead, length - n - lead]])
         starts = tf.range(0, length - window + 1, hop)
-        starts = tf.cond(starts[-1] + window < length,
-                         lambda: tf.concat([starts, [length - window]], 0), lambda: starts)
+        if windowing["end_aligned"]:
+            starts = tf.cond(starts[-1] + window < length,
+                             lambda: tf.concat([starts, [length - window]], 0), lambda: starts)
         count = tf.shape(starts)[0]
         offsets = tf.range(window)
 

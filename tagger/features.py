@@ -153,6 +153,8 @@ def slaney_mel_matrix(sample_rate, fft_length, num_mel_bins, fmin=0.0, fmax=None
     return weights.T
 
 
+# How LogMelSpectrogram compresses the mel power: dB (librosa's power_to_db), or musicnn's log10(10000 x + 1).
+COMPRESSIONS = ("db", "musicnn")
 # Clips of a batch that LogMelSpectrogram computes at the same time on a CPU (about 10 MB each for 29 s).
 PARALLEL_CLIPS = 16
 
@@ -171,6 +173,10 @@ class LogMelSpectrogram(keras.layers.Layer):
     first resampled to `sample_rate` by `Resample`, i.e. `scipy.signal.resample_poly`, and frames
     counts the resampled samples.
 
+    `center=False` frames the input as it comes (librosa's `center=False`): 1 + (samples -
+    fft_length) // sequence_stride frames, the first starting at sample 0. `compression="musicnn"`
+    replaces the dB scale by musicnn's `log10(10000 * mel + 1)` (Pons & Serra 2019).
+
     On a CPU the batch is computed clip by clip, resampling and spectrogram together: the clips run
     side by side on TensorFlow's inter-op threads, where one batched FFT keeps few cores busy, and
     each works on a few MB of intermediates instead of a batch's hundreds (`tf.map_fn` over the
@@ -181,8 +187,12 @@ class LogMelSpectrogram(keras.layers.Layer):
     """
 
     def __init__(self, sample_rate=12000, fft_length=512, sequence_stride=256, num_mel_bins=96,
-                 amin=1e-10, input_rate=None, fmin=0.0, fmax=None, **kwargs):
+                 amin=1e-10, input_rate=None, fmin=0.0, fmax=None, center=True, compression="db", **kwargs):
         super().__init__(**kwargs)
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression {compression!r}: one of {', '.join(COMPRESSIONS)}")
+        self.center = bool(center)
+        self.compression = compression
         self.sample_rate = int(sample_rate)
         self.input_rate = self.sample_rate if input_rate is None else int(input_rate)
         self.resample = (Resample(self.input_rate, self.sample_rate, dtype="float32")
@@ -205,6 +215,8 @@ class LogMelSpectrogram(keras.layers.Layer):
         """Frames of a waveform of `samples` samples at `input_rate`."""
         if self.resample is not None:
             samples = self.resample.output_length(samples)
+        if not self.center:
+            return 1 + (samples - self.fft_length) // self.sequence_stride
         return 1 + samples // self.sequence_stride
 
     def compute_output_shape(self, input_shape):
@@ -225,8 +237,9 @@ class LogMelSpectrogram(keras.layers.Layer):
         """The spectrogram of the whole batch as one set of batched ops (what `call` does on a GPU)."""
         if self.resample is not None:
             x = self.resample(x)
-        half = self.fft_length // 2
-        x = tf.pad(x, [[0, 0], [half, half]])  # zero padding, as librosa's center=True
+        if self.center:
+            half = self.fft_length // 2
+            x = tf.pad(x, [[0, 0], [half, half]])  # zero padding, as librosa's center=True
         stft = tf.signal.stft(x, frame_length=self.fft_length, frame_step=self.sequence_stride,
                               fft_length=self.fft_length,
                               window_fn=lambda n, dtype: tf.signal.hann_window(n, periodic=True, dtype=dtype))
@@ -234,9 +247,12 @@ class LogMelSpectrogram(keras.layers.Layer):
         # (mel, bins) x (frames, bins)^T: the output in (mel, frames) order, no transpose after.
         mel = tf.matmul(tf.broadcast_to(self.mel_rows, [tf.shape(power)[0], *self.mel_rows.shape]), power,
                         transpose_b=True)
+        if self.compression == "musicnn":
+            return tf.math.log(10000.0 * mel + 1.0) * (1.0 / math.log(10.0))
         return tf.math.log(tf.maximum(mel, self.amin)) * (10.0 / math.log(10.0))
 
     def get_config(self):
         return {**super().get_config(), "sample_rate": self.sample_rate, "fft_length": self.fft_length,
                 "sequence_stride": self.sequence_stride, "num_mel_bins": self.num_mel_bins,
-                "amin": self.amin, "input_rate": self.input_rate, "fmin": self.fmin, "fmax": self.fmax}
+                "amin": self.amin, "input_rate": self.input_rate, "fmin": self.fmin, "fmax": self.fmax,
+                "center": self.center, "compression": self.compression}

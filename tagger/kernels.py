@@ -168,3 +168,71 @@ class TapGradientConv2D(layers.Conv2D):
                 and inputs.dtype == tf.float32 and onednn_cpu()):
             return _conv2d_same_tap_gradient(inputs, kernel)
         return super().convolution_op(inputs, kernel)
+
+
+def overlap_add(t, a, b):
+    """`t` with its axes a < b (lengths A, B) replaced by one axis, at a, of length A + B - 1 whose
+    element x is the sum of t[..., p, ..., q, ...] over p + q = x: the overlap-add of B taps shifted
+    along A (or the reverse). Pads the longer axis by the shorter's length (at most 2 x the memory)
+    and reads the sums off a reshape ('skewing'): no loop over the taps."""
+    rank = len(t.shape)
+    short, long_ = (a, b) if t.shape[a] <= t.shape[b] else (b, a)
+    rest = [d for d in range(rank) if d not in (a, b)]
+    t = tf.transpose(t, rest + [short, long_])
+    s, n = t.shape[-2], t.shape[-1]
+    lead = tf.shape(t)[:-2]
+    t = tf.pad(t, [[0, 0]] * (rank - 1) + [[0, s]])                       # each row s + n long
+    t = tf.reshape(t, tf.concat([lead, [s * (n + s)]], 0))[..., :s * (n + s - 1)]
+    t = tf.reduce_sum(tf.reshape(t, tf.concat([lead, [s, n + s - 1]], 0)), axis=-2)   # row p shifted by p
+    return tf.transpose(t, list(range(a)) + [rank - 2] + list(range(a, rank - 2)))
+
+
+def _single_channel_input_gradient(dy, kernel, input_shape, padding):
+    """The gradient of conv2d (stride 1) with respect to its one-channel input: each kernel tap's
+    contribution dy @ kernel_tap as one matrix product (over groups of kernel rows), the taps' shifted
+    maps summed by `overlap_add`. oneDNN's Conv2DBackpropInput for one input channel and a large
+    kernel (musicnn's 7 x 67 timbral filters) is 5 to 10 x slower."""
+    kh, kw, _, channels = kernel.shape
+    ho, wo = dy.shape[1], dy.shape[2]
+    rows = max(1, min(kh, (1 << 20) // (ho * wo * kw)))                     # about 4 MB of products a clip
+    taps = tf.reshape(kernel, [kh, kw, channels])
+    flat = tf.reshape(dy, [-1, channels])
+    total = None
+    for r0 in range(0, kh, rows):
+        g = min(rows, kh - r0)
+        p = tf.matmul(flat, tf.reshape(taps[r0:r0 + g], [g * kw, channels]), transpose_b=True)
+        p = tf.reshape(p, tf.concat([tf.shape(dy)[:1], [ho, wo, g, kw]], 0))
+        p = overlap_add(p, 2, 4) if kw > 1 else p[..., 0]                    # (n, ho, wo + kw - 1, g)
+        p = overlap_add(p, 1, 3) if g > 1 else p[..., 0]                     # (n, ho + g - 1, wo + kw - 1)
+        p = tf.pad(p, [[0, 0], [r0, kh - r0 - g], [0, 0]])
+        total = p if total is None else total + p
+    if padding == "SAME":
+        top, left = (kh - 1) // 2, (kw - 1) // 2
+        total = total[:, top:top + input_shape[1], left:left + input_shape[2]]
+    return total[..., None]
+
+
+@keras.saving.register_keras_serializable(package="tagger")
+class SingleChannelConv2D(layers.Conv2D):
+    """Keras's Conv2D (same variables, same values) whose input gradient, for a stride-1 convolution of
+    a one-channel input, is one matrix product per group of kernel rows and an overlap-add
+    (`_single_channel_input_gradient`) instead of TensorFlow's Conv2DBackpropInput; the kernel
+    gradient is TensorFlow's own. musicnn's front end convolves the batch-normalised spectrogram with
+    204 filters of 7 x 38 and 7 x 67 (and long temporal ones): there Conv2DBackpropInput took most of
+    a training step on a CPU (docs/performance.md). Other convolutions are Conv2D's own."""
+
+    def convolution_op(self, inputs, kernel):
+        if not (inputs.shape[-1] == 1 and self.strides == (1, 1) and self.dilation_rate == (1, 1)
+                and self.groups == 1 and self.data_format == "channels_last"):
+            return super().convolution_op(inputs, kernel)
+        padding = self.padding.upper()
+
+        @tf.custom_gradient
+        def conv(x, k):
+            def grad(dy):
+                dk = tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=tf.shape(k), out_backprop=dy,
+                                                     strides=[1, 1, 1, 1], padding=padding)
+                return _single_channel_input_gradient(dy, k, x.shape, padding), dk
+            return tf.nn.conv2d(x, k, 1, padding), grad
+
+        return conv(tf.convert_to_tensor(inputs), tf.convert_to_tensor(kernel))

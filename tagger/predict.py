@@ -25,7 +25,11 @@ PROG = "python -m tagger.predict"
 def parse_args(argv):
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("paths", nargs="+", metavar="PATH", help="audio files or folders")
-    p.add_argument("--model", help="an export folder (default: the newest under saved_models/)")
+    p.add_argument("--model", metavar="NAME_OR_PATH", help="an export folder, or the name of one in the models "
+                   "folder: a trained run's, or musicnn-mtt, vgg-mtt, musicnn-msd, vgg-msd once converted "
+                   "(python -m tagger.convert musicnn WHEEL); default: the newest export there")
+    p.add_argument("--models-dir", default=os.environ.get("TAGGER_MODELS_DIR", "saved_models"),
+                   help="the models folder (default: $TAGGER_MODELS_DIR or saved_models)")
     p.add_argument("--top-k", type=positive_int, default=5)
     p.add_argument("--threshold", type=float, help="only tags at or above this probability (0-1)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
@@ -36,6 +40,22 @@ def parse_args(argv):
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         p.error(f"--threshold {args.threshold} must be between 0 and 1")
     return args
+
+
+def is_export(folder):
+    return files.exists(f"{folder}/config.json") and files.exists(f"{folder}/saved_model.pb")
+
+
+def resolve_model(name_or_path, models_dir):
+    """An export folder from a path, or from a name in the models folder; one line naming the fix."""
+    for candidate in (name_or_path, os.path.join(models_dir, name_or_path)):
+        if is_export(candidate.rstrip("/")):
+            return candidate.rstrip("/")
+    names = sorted(d for d in (os.listdir(models_dir) if os.path.isdir(models_dir) else [])
+                   if is_export(os.path.join(models_dir, d)))
+    raise UsageError(f"{name_or_path} is neither a tagger export nor the name of one in {models_dir}/ "
+                     f"(there: {', '.join(names) or 'none'}): pass an export folder, train one, or convert "
+                     "musicnn's (python -m tagger.convert musicnn WHEEL)")
 
 
 def newest_model(models_dir="saved_models"):
@@ -63,13 +83,17 @@ def collect_files(paths):
     return found
 
 
-def track_windows(blocks, length, window_samples, starts):
+def track_windows(blocks, length, window_samples, starts, lead=0):
     """The windows of `window_samples` at `starts` of a track of `length` samples read as `blocks`,
-    zero-padded past its end. Holds at most one window and one block of the track at a time.
+    with `lead` zeros before it and zeros past its end (starts count the leading zeros). Holds at most
+    one window and one block of the track at a time.
     """
+    import itertools
+
     import numpy as np
 
-    blocks = iter(blocks)
+    blocks = itertools.chain([np.zeros(lead, np.float32)], blocks)
+    length += lead
     buf, buf_start = np.zeros(0, np.float32), 0
     for s in starts:
         buf, buf_start = buf[max(0, s - buf_start):], max(s, buf_start)
@@ -83,7 +107,7 @@ def track_windows(blocks, length, window_samples, starts):
         yield np.pad(window, (0, window_samples - len(window)))
 
 
-def tag_files(paths, serving, window_samples, hop, batch_size, on_error):
+def tag_files(paths, serving, window, hop, batch_size, on_error):
     """Window every file, run the windows through `serving` in batches across files.
 
     Files are decoded block by block (`tagger.audio.Stream`), so memory holds one block and one
@@ -109,12 +133,12 @@ def tag_files(paths, serving, window_samples, hop, batch_size, on_error):
         result = None
         try:
             stream = Stream(path, SAMPLE_RATE)
-            starts = window_starts(len(stream), window_samples, hop)
+            starts = window_starts(len(stream), window["samples"], hop, window["lead"], window["end_aligned"])
             result = {"path": path, "duration": round(len(stream) / SAMPLE_RATE, 3),
                       "starts": [s / SAMPLE_RATE for s in starts], "window_probabilities": []}
             results.append(result)
-            for window in track_windows(stream, len(stream), window_samples, starts):
-                batch.append((result, window))
+            for samples in track_windows(stream, len(stream), window["samples"], starts, window["lead"]):
+                batch.append((result, samples))
                 if len(batch) >= batch_size:
                     flush()
         except AudioError as e:
@@ -164,22 +188,21 @@ def write_output(results, tags, args, out=sys.stdout):
 
 
 def run(args):
-    model_dir = args.model
-    if model_dir is None:
-        model_dir = newest_model()
+    if args.model is None:
+        model_dir = newest_model(args.models_dir)
         print(f"Using the newest model, {model_dir}", file=sys.stderr)
-    model_dir = model_dir.rstrip("/")
-    if not (files.exists(f"{model_dir}/config.json") and files.exists(f"{model_dir}/saved_model.pb")):
-        raise UsageError(f"{model_dir} is not a tagger export (no saved_model.pb and config.json): pass a "
-                         "folder under saved_models/")
+    else:
+        model_dir = resolve_model(args.model, args.models_dir)
     audio_files = collect_files(args.paths)
     config = json.loads(files.read_text(f"{model_dir}/config.json"))
-    window, tags = config.get("window_samples", config["clip_samples"]), config["tags"]
-    hop = int(round(args.hop * SAMPLE_RATE)) if args.hop else window
+    tags = config["tags"]
+    # Exports made before "window" existed took clip-length windows through serving_default.
+    window = config.get("window", {"samples": config["clip_samples"], "hop": config["clip_samples"], "lead": 0,
+                                   "end_aligned": True})
+    hop = int(round(args.hop * SAMPLE_RATE)) if args.hop else window["hop"]
     quiet_tensorflow()
     import tensorflow as tf
     signatures = tf.saved_model.load(model_dir).signatures
-    # Exports made before `tag_windows` existed had clip-length windows only: serving_default.
     serve = signatures["tag_windows"] if "tag_windows" in signatures else signatures["serving_default"]
     failures = []
 

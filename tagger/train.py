@@ -211,7 +211,7 @@ def run(cfg):
     info = {"config": cfg.settings(), "data_split": manifest["split"], "seed": cfg.seed,
             "replicas": replicas, "global_batch_size": global_batch, "learning_rate": lr,
             "sample_rate": manifest["sample_rate"], "clip_samples": manifest["clip_samples"],
-            "window_samples": family.layout.window_samples(manifest["clip_samples"]),
+            "window": family.layout.windowing(manifest["clip_samples"]),
             "tags": manifest["tags"], "data": cfg.data, "arch": cfg.arch,
             **provenance(f"{cfg.data}/manifest.json")}
     tf.io.gfile.makedirs(run_dir)

@@ -43,8 +43,9 @@ def test_every_family_trains_a_step_exports_and_serves_in_a_tensorflow_only_proc
     ds = data.training_dataset(tiny_records, family.layout, 2, manifest, model.input_shape, seed=0)
     model.fit(ds, steps_per_epoch=1, epochs=1, verbose=0)
     assert max(np.abs(a - b).max() for a, b in zip(model.get_weights(), before)) > 1e-6
-    window = family.layout.window_samples(TINY_SAMPLES)
-    info = {"clip_samples": TINY_SAMPLES, "window_samples": window, "tags": manifest["tags"]}
+    windowing = family.layout.windowing(TINY_SAMPLES)
+    window = windowing["samples"]
+    info = {"clip_samples": TINY_SAMPLES, "window": windowing, "tags": manifest["tags"]}
     out = export.export(model, family.layout, str(tmp_path / name), manifest["tags"], TINY_SAMPLES,
                         {"config.json": info})
 
@@ -63,8 +64,10 @@ def test_every_family_trains_a_step_exports_and_serves_in_a_tensorflow_only_proc
     assert got["modules"] == []
     want = model(family.layout.model_input(tf.constant(clips), model.input_shape), training=False).numpy()
     np.testing.assert_allclose(got["serve"], want, atol=2e-5)
-    starts = export.window_starts(len(track), window, window)
-    windows = tf.constant(np.stack([track[s:s + window] for s in starts]))
+    starts = export.window_starts(len(track), window, windowing["hop"], windowing["lead"], windowing["end_aligned"])
+    padded = np.pad(track, (windowing["lead"], export.padded_length(len(track), window, windowing["lead"])
+                            - len(track) - windowing["lead"]))
+    windows = tf.constant(np.stack([padded[s:s + window] for s in starts]))
     per_window = model(family.layout.window_input(windows, model.input_shape), training=False).numpy()
     np.testing.assert_allclose(got["track"]["window_starts"], [s / 16000 for s in starts], atol=1e-5)
     np.testing.assert_allclose(got["track"]["window_probabilities"], per_window, atol=2e-5)

@@ -63,6 +63,22 @@ def test_log_mel_equals_librosa(n):
     _assert_close_where_audible(y, ref)
 
 
+def test_log_mel_uncentred_with_musicnn_compression_equals_librosa():
+    """musicnn's front end at 16 kHz: librosa's mel power (here uncentred frames, center=False) and
+    log10(10000 x + 1); with the centring's 256 zeros added by hand, the centred spectrogram's frames."""
+    x = _signals(16000)
+    layer = LogMelSpectrogram(16000, 512, 256, 96, center=False, compression="musicnn")
+    y = layer(x).numpy()
+    for got, v in zip(y, x):
+        mel = librosa.feature.melspectrogram(y=v, sr=16000, n_fft=512, hop_length=256, n_mels=96, center=False)
+        want = np.log10(10000 * mel + 1)
+        assert got.shape == want.shape == (96, 1 + (16000 - 512) // 256)
+        np.testing.assert_allclose(got, want, atol=2e-3 * want.max())
+    padded = LogMelSpectrogram(16000, 512, 256, 96, center=False, compression="musicnn")(np.pad(x, [(0, 0), (256, 256)]))
+    centred = LogMelSpectrogram(16000, 512, 256, 96, compression="musicnn")(x)
+    np.testing.assert_allclose(padded.numpy(), centred.numpy(), atol=1e-4)
+
+
 def test_mel_matrix_equals_librosa():
     ref = librosa.filters.mel(sr=12000, n_fft=512, n_mels=96)
     np.testing.assert_allclose(slaney_mel_matrix(12000, 512, 96).T, ref, atol=1e-7)

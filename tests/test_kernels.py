@@ -105,3 +105,36 @@ def test_fused_batch_norm_equals_keras_but_updates_the_moving_variance_unbiased(
     np.testing.assert_allclose(ours.moving_variance.numpy(), expect_unbiased, rtol=1e-5)
     np.testing.assert_allclose(reference.moving_variance.numpy(), expect_biased, rtol=1e-5)
     assert not np.allclose(expect_unbiased, expect_biased, rtol=1e-4)
+
+
+def test_overlap_add_sums_shifted_taps():
+    rng = np.random.default_rng(8)
+    t = rng.normal(size=(2, 5, 3, 4)).astype(np.float32)
+    want = np.zeros((2, 7, 4), np.float32)
+    for p in range(5):
+        for q in range(3):
+            want[:, p + q] += t[:, p, q]
+    from tagger.kernels import overlap_add
+    np.testing.assert_allclose(overlap_add(tf.constant(t), 1, 2).numpy(), want, rtol=1e-5, atol=1e-6)
+    swapped = np.transpose(t, (0, 2, 1, 3))                   # the shorter axis first
+    np.testing.assert_allclose(overlap_add(tf.constant(swapped), 1, 2).numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel, padding", [((7, 12), "valid"), ((9, 1), "same"), ((4, 6), "same"), ((3, 3), "same")])
+@pytest.mark.parametrize("graph", [False, True])
+def test_single_channel_convolution_equals_conv2d(kernel, padding, graph):
+    """musicnn's front-end convolutions: same values and input, kernel and bias gradients as Keras's
+    Conv2D, for valid and same padding, even and odd kernels."""
+    from tagger.kernels import SingleChannelConv2D
+    x = tf.constant(np.random.default_rng(9).normal(size=(3, 20, 17, 1)).astype(np.float32))
+    ours = SingleChannelConv2D(5, kernel, padding=padding, activation="relu")
+    reference = keras.layers.Conv2D(5, kernel, padding=padding, activation="relu")
+    ours.build(x.shape)
+    reference.build(x.shape)
+    reference.set_weights([w + 0.1 for w in ours.get_weights()])
+    ours.set_weights(reference.get_weights())
+    run = (lambda f: tf.function(f)()) if graph else (lambda f: f())
+    got = run(lambda: _values_and_gradients(ours, x))
+    want = run(lambda: _values_and_gradients(reference, x))
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5 * float(tf.reduce_max(tf.abs(b))))

@@ -92,7 +92,7 @@ def test_a_corrupt_file_among_good_ones(crnn_run, music, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "/no/model", "x.wav"], "not a tagger export"),
+    (["--model", "/no/model", "x.wav"], "is neither a tagger export nor the name of one in"),
     (["/no/such/file.wav"], "does not exist"),
     (["--top-k", "0", "x.wav"], "at least 1"),
     (["--format", "xml", "x.wav"], "invalid choice"),

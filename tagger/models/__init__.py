@@ -10,9 +10,9 @@ this registry; none tests a family's name.
 """
 import importlib
 
-from tagger.models.family import Chunks, DoesNotFit, Family, Option, SubClips, WholeClip
+from tagger.models.family import Chunks, DoesNotFit, Family, Option, Patches, SubClips, WholeClip
 
-__all__ = ["Chunks", "DoesNotFit", "Family", "Option", "SubClips", "WholeClip", "REGISTRY", "DEFAULT", "names", "get",
+__all__ = ["Chunks", "DoesNotFit", "Family", "Option", "Patches", "SubClips", "WholeClip", "REGISTRY", "DEFAULT", "names", "get",
            "families", "all_options", "load_model"]
 
 REGISTRY = {
@@ -20,6 +20,8 @@ REGISTRY = {
     "crnn": "tagger.models.crnn",            # Choi et al. 2017, log-mel, whole clips
     "samplecnn": "tagger.models.samplecnn",  # Lee et al. 2017, raw audio, short chunks
     "shortres": "tagger.models.shortres",    # Won et al. 2020, log-mel short-chunk ResNet
+    "musicnn": "tagger.models.musicnn",      # Pons & Serra 2019, log-mel patches, timbral/temporal filters
+    "vgg": "tagger.models.vgg",              # Pons & Serra 2019, log-mel patches, VGG-like baseline
 }
 DEFAULT = "crnn"
 

@@ -45,8 +45,22 @@ class WholeClip:
     name = "whole_clip"
     description = "the whole clip"
 
+    # How a long track is cut into windows (tag_track, tagger.predict): `lead` zeros before it, windows
+    # of window_samples every hop samples, and one more aligned to the end where the last one stops short.
+    lead = 0
+    end_aligned = True
+
     def window_samples(self, clip_samples):
         return clip_samples
+
+    def default_hop(self, window_samples):
+        return window_samples
+
+    def windowing(self, clip_samples):
+        """How tag_track and tagger.predict cut a track (config.json's "window")."""
+        samples = self.window_samples(clip_samples)
+        return {"samples": samples, "hop": self.default_hop(samples), "lead": self.lead,
+                "end_aligned": self.end_aligned}
 
     def pieces(self, clip_samples):
         """Model inputs per clip (what the forward FLOPs per clip multiply)."""
@@ -129,6 +143,81 @@ class Chunks(WholeClip):
             return waves[..., None, :]
         starts = tf.constant(self.starts(waves.shape[-1]), tf.int32)
         return tf.gather(waves, starts[:, None] + tf.range(self.samples)[None, :], axis=-1)
+
+    def window_input(self, windows, input_shape):
+        return windows[:, None, :]
+
+
+@dataclass(frozen=True)
+class Patches(WholeClip):
+    """musicnn's patches (Pons & Serra 2019): `frames` frames of a centred 16 kHz spectrogram (hop
+    `hop`, FFT `fft`), cut from the whole clip's or track's spectrogram without overlap, the partial last
+    one dropped (a clip shorter than one patch is zero-padded to one). The model takes (batch, patches,
+    samples) raw samples, each patch with the `fft // 2` samples of context on either side that its
+    centred frames read (48,128 samples for 187 frames: uncentred frames of them are the centred frames
+    of the whole), and averages the patches' predictions. Training reads one patch per clip at an
+    offset drawn from (seed, epoch, clip id)."""
+    name = "patches"
+    end_aligned = False          # musicnn drops the partial last patch
+    frames: int = 187
+    hop: int = 256
+    fft: int = 512
+
+    @property
+    def description(self):
+        return f"patches of {self.frames} frames (musicnn's), averaged"
+
+    @property
+    def lead(self):
+        """Zeros before a track: the centring of its first frame."""
+        return self.fft // 2
+
+    @property
+    def samples(self):
+        """Samples of one patch with its context: 48,128 for 187 frames."""
+        return (self.frames - 1) * self.hop + self.fft
+
+    def window_samples(self, clip_samples):
+        return self.samples
+
+    def default_hop(self, window_samples):
+        return self.frames * self.hop          # the next patch's first frame: 47,872 samples
+
+    def shortest_clip(self):
+        """The shortest clip with one whole patch: 186 hops, 47,616 samples."""
+        return (self.frames - 1) * self.hop
+
+    def count(self, clip_samples, hop=None):
+        hop = hop or self.default_hop(self.samples)
+        return max(1, (clip_samples + 2 * self.lead - self.samples) // hop + 1)
+
+    def pieces(self, clip_samples):
+        return self.count(clip_samples)
+
+    def check(self, clip_samples):
+        if clip_samples < self.shortest_clip():
+            raise DoesNotFit(f"clips of {clip_samples:,} samples are shorter than one patch of {self.frames} frames "
+                             f"({self.shortest_clip():,} samples)")
+
+    def training_piece(self, pcm, clip_id, seed):
+        import tensorflow as tf
+        padded = tf.pad(pcm, [[self.lead, self.lead]])
+        span = tf.shape(padded)[-1] - self.samples + 1
+        offset = tf.random.stateless_uniform([], tf.stack([tf.cast(seed, tf.int64), clip_id]), 0, span, tf.int32)
+        return tf.ensure_shape(padded[offset:offset + self.samples], [self.samples])
+
+    def model_input(self, waves, input_shape, training=False):
+        import tensorflow as tf
+        if training:
+            return waves[..., None, :]
+        n = waves.shape[-1]
+        hop = self.default_hop(self.samples)
+        count = self.count(n)
+        end = (count - 1) * hop + self.samples - self.lead - n       # zeros after the clip
+        rank = len(waves.shape)
+        padded = tf.pad(waves, [[0, 0]] * (rank - 1) + [[self.lead, max(end, self.lead)]])
+        starts = tf.constant([k * hop for k in range(count)], tf.int32)
+        return tf.gather(padded, starts[:, None] + tf.range(self.samples)[None, :], axis=-1)
 
     def window_input(self, windows, input_shape):
         return windows[:, None, :]

@@ -9,8 +9,8 @@ from tagger.kernels import StridedConv1D
 
 
 def forward_flops(model):
-    """Multiply-adds x 2 of one forward pass of one model input (a clip, or one chunk for the chunk
-    families: `layout.pieces` gives the inputs per clip): convolutions, dense layers, GRUs, the
+    """Multiply-adds x 2 of one forward pass of one model input (a clip, or one chunk or patch for the
+    families that read pieces: `layout.pieces` gives the inputs per clip), nested models included: convolutions, dense layers, GRUs, the
     resampling filter, the STFT (5 N log2 N per frame) and the mel projection. Elementwise work (batch
     norm, activations, pooling) is left out."""
     def resampling(resample, input_shape):       # `width` multiply-adds per output sample
@@ -19,7 +19,9 @@ def forward_flops(model):
     total = 0
     for layer in model.layers:
         out = layer.output.shape
-        if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D)):
+        if isinstance(layer, keras.Model):          # a nested network (musicnn's, on log-mel patches)
+            total += forward_flops(layer)
+        elif isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D)):
             cin = layer.input.shape[-1]
             total += 2 * int(np.prod(layer.kernel_size)) * cin * layer.filters * int(np.prod(out[1:-1]))
         elif isinstance(layer, StridedConv1D):

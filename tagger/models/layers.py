@@ -26,3 +26,19 @@ class MeanOverChunks(keras.layers.Layer):
 
     def compute_output_shape(self, input_shapes):
         return (input_shapes[1][0], input_shapes[0][-1])
+
+
+def patch_model(network, layout, name):
+    """Waveform patches (batch, patches, layout.samples) -> the mean over patches of `network`, a
+    Keras model from (frames, 96) log-mel patches, musicnn's front end (16 kHz, FFT 512, hop 256, 96
+    Slaney mel bands, log10(10000 x + 1)) computed inside as uncentred frames of each patch, which are
+    the centred frames of the whole (`Patches`)."""
+    from tagger.features import LogMelSpectrogram
+
+    patches = keras.Input((None, layout.samples), name="waveform")
+    x = FoldChunks(name="fold_patches")(patches)
+    x = LogMelSpectrogram(16000, layout.fft, layout.hop, 96, center=False, compression="musicnn", name="log_mel",
+                          dtype="float32")(x)
+    x = keras.layers.Permute((2, 1), name="time_major", dtype="float32")(x)       # (frames, mel), as musicnn
+    probs = network(x)
+    return keras.Model(patches, MeanOverChunks(name="probabilities", dtype="float32")([probs, patches]), name=name)
