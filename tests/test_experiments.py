@@ -122,7 +122,7 @@ def test_zoo_tables_every_family_asked_from_its_runs(tiny_records, tmp_path):
     (["repeat", "--data", "/no/such/records"], "no manifest.json"),
     (["compare", "/no/model/a", "/no/model/b"], "is not a tagger export"),
     (["bogus"], "invalid choice"),
-    (["zoo", "--archs", "cnn,vgg"], "unknown family vgg"),
+    (["zoo", "--archs", "cnn,vggish"], "unknown family vggish"),
     (["zoo", "--arch", "cnn"], "--arch is set by 'zoo' itself"),
 ])
 def test_usage_errors(args, message):
