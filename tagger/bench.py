@@ -11,11 +11,14 @@ examples are chunks); the default family's exported SavedModel's serving_default
 its own process after a warm-up, so its peak resident memory is its own. The stages but predict and
 matmul run in --rounds rounds; with --peer, ../shared/bench/peer_torch.py (the families in PyTorch)
 runs under that interpreter after ours in each round. Speeds are medians over the rounds, ratios
-medians of each round's ratio. --precision mixed_bfloat16 or mixed_float16 times the training stages
-with tagger.train's --precision (the peer stays float32; exports are float32 either way). Speed goals
-live here, never in the tests.
+medians of each round's ratio. With musicnn's wheel (wheels/, or $TAGGER_MUSICNN_WHEEL), soundfile
+and librosa, two more stages per round tag the same 3-minute mp3s with musicnn-mtt, in files per
+second: tagger.predict's path and musicnn's own (tagger.reference). --precision mixed_bfloat16 or
+mixed_float16 times the training stages with tagger.train's --precision (the peer stays float32;
+exports are float32 either way). Speed goals live here, never in the tests.
 """
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -40,8 +43,11 @@ PEER = os.path.join(ROOT, "..", "shared", "bench", "peer_torch.py")
 # train_seconds (and train_steps) after warm-up steps of at least warmup_seconds.
 SIZES = {"pipeline_clips": (96, 40), "pipeline_seconds": (4.0, 1.5), "frontend_steps": (16, 2),
          "librosa_clips": (16, 2), "train_seconds": (10.0, 3.0), "train_steps": (3, 2), "warmup_seconds": (1.0, 0.5),
-         "predict_steps": (3, 1)}
-STAGES = ("pipeline", "frontend", "librosa", *(f"{name}_train" for name in models.names()), "predict", "matmul")
+         "predict_steps": (3, 1), "tracks": (4, 2)}
+TRACK_SECONDS = 180
+MUSICNN_WHEEL = os.environ.get("TAGGER_MUSICNN_WHEEL", os.path.join(ROOT, "wheels", "musicnn-0.1.0-py3-none-any.whl"))
+STAGES = ("pipeline", "frontend", "librosa", *(f"{name}_train" for name in models.names()), "predict", "matmul",
+          "musicnn_predict", "musicnn_reference")
 
 
 def parse_args(argv):
@@ -222,6 +228,78 @@ def stage_predict(quick):
     return {"predict_clips_per_s": 16 / seconds, "predict_family": family.name}
 
 
+def write_tracks(folder, count):
+    """`count` 3-minute mp3s (44.1 kHz stereo, as music comes) of chords and drum hits, and one more for
+    the warm-up (as long, so that both sides have met every batch shape they will see): the files both
+    musicnn stages tag. Needs soundfile (requirements-test.txt)."""
+    import numpy as np
+    import soundfile as sf
+    rng = np.random.default_rng(0)
+    sr = 44100
+    paths = []
+    for i, seconds in enumerate([TRACK_SECONDS] * (count + 1)):
+        t = np.arange(seconds * sr) / sr
+        root = 110 * 2 ** (rng.integers(0, 12, seconds // 2 + 1) / 12)[(t // 2).astype(int)]
+        tone = sum(np.sin(2 * np.pi * root * k * t + k) / k for k in (1, 1.26, 1.5, 2)) * np.exp(-(t % 2))
+        beat = rng.standard_normal(t.size) * np.exp(-(t % 0.5) * 40)
+        x = 0.1 * np.stack([tone + 0.3 * beat, 0.8 * tone + 0.5 * beat], 1)
+        paths.append(os.path.join(folder, f"{'warmup' if i == 0 else f'track{i}'}.mp3"))
+        sf.write(paths[-1], x.astype(np.float32), sr, format="MP3")
+    return paths
+
+
+def _tracks():
+    """(warm-up file, timed files) written by the driver, or None when the musicnn stages cannot run."""
+    folder = os.environ.get("TAGGER_BENCH_TRACKS")
+    if not folder:
+        return None
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
+    return paths[-1], paths[:-1]                  # "warmup.mp3" sorts after "trackN.mp3"
+
+
+def stage_musicnn_predict(quick):
+    """tagger.predict's path with musicnn-mtt converted from the wheel: decoding (block by block),
+    resampling, windows batched across files, the SavedModel's tag_windows (front end inside)."""
+    tracks = _tracks()
+    if tracks is None:
+        return {"musicnn_predict_files_per_s": None}
+    from tagger import convert, predict
+    warmup, timed = tracks
+    with tempfile.TemporaryDirectory(prefix="tagger-bench-") as tmp:
+        convert.main(["musicnn", MUSICNN_WHEEL, "--models", "MTT_musicnn", "--models-dir", tmp])
+        tags, window, serving = predict.load_tagger(f"{tmp}/musicnn-mtt")
+        failed = []
+
+        def tag(paths):
+            return predict.tag_files(paths, serving, window, window["hop"], 8, lambda p, why: failed.append(why))
+        tag([warmup])
+        start = time.perf_counter()
+        results = tag(timed)
+        seconds = time.perf_counter() - start
+    if failed or len(results) != len(timed):
+        raise UsageError(f"musicnn_predict: {failed}")
+    return {"musicnn_predict_files_per_s": len(timed) / seconds,
+            "musicnn_predict_audio_x_realtime": len(timed) * TRACK_SECONDS / seconds}
+
+
+def stage_musicnn_reference(quick):
+    """musicnn's own path on the same files (tagger.reference: librosa.load at 16 kHz, its mel
+    spectrogram, float16, log compression, patches, the authors' graph in a TF1 session, the mean)."""
+    tracks = _tracks()
+    if tracks is None:
+        return {"musicnn_reference_files_per_s": None}
+    from tagger.reference import AuthorsGraph, musicnn_tags
+    warmup, timed = tracks
+    graph = AuthorsGraph(MUSICNN_WHEEL, "MTT_musicnn")
+    musicnn_tags(graph, warmup)
+    start = time.perf_counter()
+    for path in timed:
+        musicnn_tags(graph, path)
+    seconds = time.perf_counter() - start
+    return {"musicnn_reference_files_per_s": len(timed) / seconds,
+            "musicnn_reference_audio_x_realtime": len(timed) * TRACK_SECONDS / seconds}
+
+
 def stage_matmul(quick):
     """float32 matmul GFLOP/s: what this machine's cores can do at best, through TensorFlow."""
     import tensorflow as tf
@@ -239,7 +317,8 @@ def run_stage(name, quick, precision, archs):
         result = stage_train(name[:-len("_train")], quick, precision)
     else:
         fn = {"pipeline": lambda q: stage_pipeline(q, archs), "frontend": stage_frontend, "librosa": stage_librosa,
-              "predict": stage_predict, "matmul": stage_matmul}[name]
+              "predict": stage_predict, "matmul": stage_matmul, "musicnn_predict": stage_musicnn_predict,
+              "musicnn_reference": stage_musicnn_reference}[name]
         result = fn(quick)
     result[f"{name}_peak_rss_mb"] = peak_rss_mb()
     print("BENCH " + json.dumps(result))
@@ -296,7 +375,22 @@ def machine():
 def round_stages(archs):
     """Stages run in every round, alternating with the peer, so that each ratio compares runs made in
     the same minutes (these machines' speed drifts by 2 x within an hour); predict and matmul run once."""
-    return ("pipeline", "frontend", "librosa", *(f"{name}_train" for name in archs))
+    return ("pipeline", "frontend", "librosa", *(f"{name}_train" for name in archs), "musicnn_predict",
+            "musicnn_reference")
+
+
+def musicnn_setup(folder, quick):
+    """Writes the musicnn stages' tracks into `folder`; None if they can run, else why not."""
+    missing = [m for m in ("soundfile", "librosa") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"{' and '.join(missing)} not installed (requirements-test.txt)"
+    if not os.path.isfile(MUSICNN_WHEEL):
+        return (f"no {os.path.relpath(MUSICNN_WHEEL)} (pip download --no-deps musicnn==0.1.0 -d wheels, or "
+                "$TAGGER_MUSICNN_WHEEL)")
+    print(f"  writing {_size('tracks', quick)} tracks of {TRACK_SECONDS} s (mp3, 44.1 kHz stereo) ...",
+          file=sys.stderr, flush=True)
+    write_tracks(folder, _size("tracks", quick))
+    return None
 
 
 def run(args):
@@ -310,12 +404,19 @@ def run(args):
     for name in ("predict", "matmul"):
         once.update(our_stage(name, quick, args.precision, args.archs))
     runs, peer_runs = {name: [] for name in round_stages(args.archs)}, []
-    for _ in range(rounds):
-        for name in runs:
-            runs[name].append(our_stage(name, quick, args.precision, args.archs))
-        if args.peer:
-            peer_runs.append(peer_run(args.peer, args.threads))
+    with tempfile.TemporaryDirectory(prefix="tagger-bench-tracks-") as tracks:
+        why_not = musicnn_setup(tracks, quick)
+        if why_not:
+            runs = {name: stage for name, stage in runs.items() if not name.startswith("musicnn_")}
+        os.environ["TAGGER_BENCH_TRACKS"] = tracks
+        for _ in range(rounds):
+            for name in runs:
+                runs[name].append(our_stage(name, quick, args.precision, args.archs))
+            if args.peer:
+                peer_runs.append(peer_run(args.peer, args.threads))
     results = summarize(once, runs, peer_runs)
+    if why_not:
+        results["musicnn_note"] = why_not
     if peer_runs:
         results["peer"]["threads"] = args.threads
     quiet_tensorflow()
@@ -341,9 +442,10 @@ def summarize(once, runs, peer_runs):
             values = [r[key] for r in stage_runs]
             if key.endswith("_peak_rss_mb"):
                 results[key] = max(values)
-            elif key.endswith("_clips_per_s") and None not in values:
+            elif key.endswith(("_clips_per_s", "_files_per_s", "_x_realtime")) and None not in values:
                 results[key] = statistics.median(values)
-                results[key.replace("_clips_per_s", "_runs")] = values
+                if not key.endswith("_x_realtime"):
+                    results[re.sub(r"_(clips|files)_per_s$", "_runs", key)] = values
             else:
                 results[key] = values[0]
 
@@ -366,6 +468,9 @@ def summarize(once, runs, peer_runs):
                 results["peer"][f"{name}_train_clips_per_s"] = statistics.median(p[name] for p in peer_runs)
                 results[f"{name}_train_vs_peer"] = statistics.median(
                     ours[f"{name}_train_clips_per_s"] / p[name] for ours, p in zip(runs[f"{name}_train"], peer_runs))
+    if "musicnn_predict" in runs:
+        results["musicnn_predict_vs_reference"] = per_round("musicnn_predict_files_per_s", "musicnn_predict",
+                                                            "musicnn_reference_files_per_s", "musicnn_reference")
     if results.get("librosa_clips_per_s"):
         results["frontend_vs_librosa"] = per_round("frontend_clips_per_s", "frontend", "librosa_clips_per_s", "librosa")
     return results
@@ -406,6 +511,16 @@ def table(r):
             f"{name}_train_peak_rss_mb", note)
     row(f"predict, exported {r.get('predict_family', '')} (serving_default, 16 clips)", "predict_clips_per_s",
         "predict_peak_rss_mb")
+    lines += ["", "| tagging 3-minute mp3s with musicnn-mtt | files/s | x real time | peak RSS (MB) | note |",
+              "|---|---:|---:|---:|---|"]
+    for label, stage, note in (
+            ("tagger.predict", "musicnn_predict", f"{r['musicnn_predict_vs_reference']:.2f} x musicnn's own path"
+             if r.get("musicnn_predict_vs_reference") else r.get("musicnn_note", "")),
+            ("musicnn's own path (librosa, float16, TF1 graph)", "musicnn_reference", "")):
+        files_per_s, realtime = r.get(f"{stage}_files_per_s"), r.get(f"{stage}_audio_x_realtime")
+        lines.append(f"| {label} | {'n/a' if files_per_s is None else f'{files_per_s:.3f}'} | "
+                     f"{'' if realtime is None else f'{realtime:.0f}'} | {r.get(stage + '_peak_rss_mb', '')} | "
+                     f"{note} |")
     return "\n".join(lines)
 
 

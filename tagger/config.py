@@ -40,6 +40,8 @@ class Config:
     runs_dir: str = "runs"
     models_dir: str = "saved_models"
     stop_after: int = 0         # stop (resumably) once this epoch is done, before --epochs; 0: never
+    init: str = ""              # an export whose weights the run starts from (tagger.finetune)
+    freeze: str = ""            # "body": train the output layer alone
     demo: bool = False
     options: tuple = ()         # the family's own settings, ((name, value), ...) in its order
 
@@ -63,6 +65,8 @@ class Config:
         schedule = f"-{self.schedule.replace(':', '').replace(',', '-')}" if self.schedule != "constant" else ""
         decay = f"-wd{self.weight_decay:g}" if self.weight_decay else ""
         best = "-best" if self.restore_best else ""
+        best += (f"-from-{os.path.basename(self.init.rstrip('/'))}" if self.init else "") + (
+            f"-frozen{self.freeze}" if self.freeze else "")
         mirrored = (f"-mirrored{self.devices or ''}" + ("-scaledlr" if self.scale_lr else "")
                     if self.strategy == "mirrored" else "")
         return (f"{self.arch}{shape}{width}-{data}-{self.optimizer}-lr{self.lr:g}"
@@ -86,9 +90,9 @@ def arch_list(text):
     return names
 
 
-def add_family_flags(parser):
+def add_family_flags(parser, default=models.DEFAULT):
     """--arch and every family's own settings (each checked against the chosen family later)."""
-    parser.add_argument("--arch", choices=models.names(), default=models.DEFAULT,
+    parser.add_argument("--arch", choices=models.names(), default=default,
                         help=f"model family (default {models.DEFAULT}): "
                         + "; ".join(f"{f.name}: {f.summary}" for f in models.families()))
     for name, (option, owners) in models.all_options().items():

@@ -183,7 +183,7 @@ def convert(wheel_path, info, model_name, out_dir):
               "reported_by_authors": {**reported, "split": "test", "note": "reported by the authors in "
                                       f"{folder}/experiment.result, not measured by tagger"},
               "licenses": {"code": LICENSES["code"], "data": LICENSES[dataset]}}
-    return export.export(model, family.layout, out_dir, tags, clip, {"config.json": config})
+    return export.export(model, family.layout, out_dir, tags, clip, {"config.json": config}, family.embedding)
 
 
 def run(args):

@@ -14,6 +14,8 @@
   at a time in a loop, so a long track never sits in the model at once.
 - `tag_windows`: windows (batch, window samples) -> {"probabilities": (batch, num_tags)}, each
   window tagged as `tag_track` tags it (what tagger.predict calls).
+- `embed`: windows (batch, window samples) -> {"embedding": (batch, features)}, the model's
+  penultimate features (its family's `embedding` layer) pooled over each window's pieces.
 - `tag_names`: no input -> {"tags": (num_tags,) string}, the output order.
 """
 import contextlib
@@ -50,8 +52,9 @@ def window_starts(num_samples, window_samples, hop, lead=0, end_aligned=True):
     return starts
 
 
-def serving_functions(model, layout, clip_samples, tags):
-    """The tf.functions the export serves, closed over the Keras model and the family's layout."""
+def serving_functions(model, layout, clip_samples, tags, embedding=None):
+    """The tf.functions the export serves, closed over the Keras model and the family's layout;
+    `embedding` names the layer of the `embed` signature."""
     windowing = layout.windowing(clip_samples)
     window, lead = windowing["samples"], windowing["lead"]
 
@@ -96,10 +99,20 @@ def serving_functions(model, layout, clip_samples, tags):
     def tag_names():
         return {"tags": tag_constant}
 
-    return {"serving_default": serve, "tag_track": tag_track, "tag_windows": tag_windows, "tag_names": tag_names}
+    functions = {"serving_default": serve, "tag_track": tag_track, "tag_windows": tag_windows, "tag_names": tag_names}
+    if embedding:
+        from tagger.models.layers import embedding_model
+        embedder = embedding_model(model, embedding, layout)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, window], tf.float32, name="waveform")])
+        def embed(waveform):
+            return {"embedding": embedder(layout.window_input(waveform, model.input_shape), training=False)}
+
+        functions["embed"] = embed
+    return functions
 
 
-def export(model, layout, out_dir, tags, clip_samples, files):
+def export(model, layout, out_dir, tags, clip_samples, files, embedding=None):
     """Write the export to `out_dir` via a temporary folder, so nothing half-written is ever picked
     up. `files`: {name: json-able} written beside the SavedModel.
 
@@ -113,7 +126,7 @@ def export(model, layout, out_dir, tags, clip_samples, files):
         tf.io.gfile.rmtree(tmp)
     archive = keras.export.ExportArchive()
     archive.track(model)
-    for name, fn in serving_functions(model, layout, clip_samples, tags).items():
+    for name, fn in serving_functions(model, layout, clip_samples, tags, embedding).items():
         archive.add_endpoint(name, fn)
     with contextlib.redirect_stdout(io.StringIO()):  # Keras prints the endpoints whatever `verbose` says
         archive.write_out(tmp, verbose=False)

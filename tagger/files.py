@@ -5,6 +5,8 @@ have checked their arguments.
 """
 import os
 
+from tagger.cli import UsageError
+
 
 def atomic_write_text(path, text):
     """Write to a temporary name beside `path`, then rename: readers see the old file or the new one,
@@ -122,3 +124,30 @@ def recorded_settings_differ(path, settings, defaults=None):
         if isinstance(before.get(key), dict) and isinstance(settings.get(key), dict):
             before[key] = {k: before[key].get(k, fields.get(k)) for k in settings[key]}
     return [k for k in settings if before.get(k) != settings[k]]
+
+
+def is_export(folder):
+    """True for a tagger export (a SavedModel with its config.json)."""
+    return exists(f"{folder}/config.json") and exists(f"{folder}/saved_model.pb")
+
+
+def find_export(name_or_path, models_dir):
+    """An export folder from a path, or from a name in the models folder; one line naming the fix."""
+    for candidate in (name_or_path, os.path.join(models_dir, name_or_path)):
+        if is_export(candidate.rstrip("/")):
+            return candidate.rstrip("/")
+    names = sorted(d for d in (os.listdir(models_dir) if os.path.isdir(models_dir) else [])
+                   if is_export(os.path.join(models_dir, d)))
+    raise UsageError(f"{name_or_path} is neither a tagger export nor the name of one in {models_dir}/ "
+                     f"(there: {', '.join(names) or 'none'}): pass an export folder, train one, or convert "
+                     "musicnn's (python -m tagger.convert musicnn WHEEL)")
+
+
+def newest_export(models_dir="saved_models"):
+    """The most recently written export in the models folder."""
+    exports = [os.path.join(models_dir, d) for d in (os.listdir(models_dir) if os.path.isdir(models_dir) else [])
+               if is_export(os.path.join(models_dir, d))]
+    if not exports:
+        raise UsageError(f"no exported model under {models_dir}/: train one (python -m tagger.train) "
+                         "or pass --model")
+    return max(exports, key=os.path.getmtime)

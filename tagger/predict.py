@@ -16,8 +16,8 @@ import sys
 
 from tagger import files
 from tagger.audio import EXTENSIONS, SAMPLE_RATE
-from tagger.cli import (EXIT_FAILED, EXIT_OK, ArgumentParser, UsageError, main_guard, positive_float,
-                        positive_int, quiet_tensorflow)
+from tagger.cli import (EXIT_FAILED, EXIT_OK, ArgumentParser, UsageError, main_guard, nonnegative_int,
+                        positive_float, positive_int, quiet_tensorflow)
 
 PROG = "python -m tagger.predict"
 
@@ -30,42 +30,20 @@ def parse_args(argv):
                    "(python -m tagger.convert musicnn WHEEL); default: the newest export there")
     p.add_argument("--models-dir", default=os.environ.get("TAGGER_MODELS_DIR", "saved_models"),
                    help="the models folder (default: $TAGGER_MODELS_DIR or saved_models)")
-    p.add_argument("--top-k", type=positive_int, default=5)
+    p.add_argument("--top-k", type=nonnegative_int, default=5, help="tags shown per file (0: all; default 5)")
     p.add_argument("--threshold", type=float, help="only tags at or above this probability (0-1)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--timeline", action="store_true", help="also each window's start and top tags")
     p.add_argument("--hop", type=positive_float, help="seconds between windows (default: the window length)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="windows per model call")
+    p.add_argument("--embeddings", metavar="DIR", help="also write each file's per-window penultimate features and "
+                   "their mean (NAME.windows.npy, NAME.mean.npy) to DIR")
+    p.add_argument("--plot", metavar="DIR", help="also draw each file's taggram (tags over time) as DIR/NAME.png: "
+                   "the --top-k tags, all with --top-k 0")
     args = p.parse_args(argv)
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         p.error(f"--threshold {args.threshold} must be between 0 and 1")
     return args
-
-
-def is_export(folder):
-    return files.exists(f"{folder}/config.json") and files.exists(f"{folder}/saved_model.pb")
-
-
-def resolve_model(name_or_path, models_dir):
-    """An export folder from a path, or from a name in the models folder; one line naming the fix."""
-    for candidate in (name_or_path, os.path.join(models_dir, name_or_path)):
-        if is_export(candidate.rstrip("/")):
-            return candidate.rstrip("/")
-    names = sorted(d for d in (os.listdir(models_dir) if os.path.isdir(models_dir) else [])
-                   if is_export(os.path.join(models_dir, d)))
-    raise UsageError(f"{name_or_path} is neither a tagger export nor the name of one in {models_dir}/ "
-                     f"(there: {', '.join(names) or 'none'}): pass an export folder, train one, or convert "
-                     "musicnn's (python -m tagger.convert musicnn WHEEL)")
-
-
-def newest_model(models_dir="saved_models"):
-    exports = [os.path.join(models_dir, d) for d in (os.listdir(models_dir) if os.path.isdir(models_dir) else [])
-               if os.path.isfile(os.path.join(models_dir, d, "config.json"))
-               and os.path.isfile(os.path.join(models_dir, d, "saved_model.pb"))]
-    if not exports:
-        raise UsageError(f"no exported model under {models_dir}/: train one (python -m tagger.train) "
-                         "or pass --model")
-    return max(exports, key=os.path.getmtime)
 
 
 def collect_files(paths):
@@ -107,54 +85,153 @@ def track_windows(blocks, length, window_samples, starts, lead=0):
         yield np.pad(window, (0, window_samples - len(window)))
 
 
-def tag_files(paths, serving, window, hop, batch_size, on_error):
-    """Window every file, run the windows through `serving` in batches across files.
-
-    Files are decoded block by block (`tagger.audio.Stream`), so memory holds one block and one
-    batch of windows whatever the tracks' lengths. Returns [{"path", "duration", "starts",
-    "window_probabilities", "probabilities"}] for the files that decoded; `on_error(path, reason)`
-    is called for the others.
-    """
-    import numpy as np
-
+def file_windows(paths, window, hop):
+    """For each file: ("file", path, result) with its duration and window starts, then ("window", path,
+    samples) for each window, or ("error", path, reason) where it cannot be decoded (also midway)."""
     from tagger.audio import AudioError, Stream
     from tagger.export import window_starts
 
-    results, batch = [], []
-
-    def flush():
-        if batch:
-            probs = serving(np.stack([w for _, w in batch]))
-            for (result, _), p in zip(batch, probs):
-                result["window_probabilities"].append(p)
-            batch.clear()
-
     for path in paths:
-        result = None
         try:
             stream = Stream(path, SAMPLE_RATE)
             starts = window_starts(len(stream), window["samples"], hop, window["lead"], window["end_aligned"])
-            result = {"path": path, "duration": round(len(stream) / SAMPLE_RATE, 3),
-                      "starts": [s / SAMPLE_RATE for s in starts], "window_probabilities": []}
-            results.append(result)
+            yield "file", path, {"path": path, "duration": round(len(stream) / SAMPLE_RATE, 3),
+                                 "starts": [s / SAMPLE_RATE for s in starts]}
             for samples in track_windows(stream, len(stream), window["samples"], starts, window["lead"]):
-                batch.append((result, samples))
-                if len(batch) >= batch_size:
-                    flush()
+                yield "window", path, samples
         except AudioError as e:
-            if result is not None:      # failed midway: forget its windows
-                results.remove(result)
-                batch[:] = [(r, w) for r, w in batch if r is not result]
-            on_error(path, str(e))
+            yield "error", path, str(e)
+
+
+def ahead(items, size):
+    """The items of an iterator, produced by a thread up to `size` items ahead of the consumer (the
+    decoder works while the model runs: both release the GIL); its exceptions are raised here."""
+    import queue
+    import threading
+
+    q, done = queue.Queue(maxsize=size), object()
+
+    def produce():
+        try:
+            for item in items:
+                q.put((item, None))
+            q.put((done, None))
+        except BaseException as e:          # handed to the consumer, which raises it
+            q.put((done, e))
+
+    threading.Thread(target=produce, daemon=True).start()
+    while True:
+        item, error = q.get()
+        if item is done:
+            if error is not None:
+                raise error
+            return
+        yield item
+
+
+def tag_files(paths, serving, window, hop, batch_size, on_error):
+    """Window every file, run the windows through `serving` in batches across files.
+
+    `serving(windows)` returns {"probabilities": ..., and optionally "embedding": ...}, one row a window.
+    Files are decoded block by block (`tagger.audio.Stream`) in a thread that runs ahead of the model by
+    at most four batches of windows, so memory holds a block and a few batches whatever the tracks'
+    lengths. Returns [{"path", "duration", "starts", "window_probabilities", "probabilities"}] (and
+    "window_embedding", "embedding" when `serving` gives them; the plain keys are the means over
+    windows) for the files that decoded; `on_error(path, reason)` is called for the others.
+    """
+    import numpy as np
+
+    results, batch, current = [], [], None
+
+    def flush():
+        if batch:
+            outputs = serving(np.stack([w for _, w in batch]))
+            for key, rows in outputs.items():
+                for (result, _), row in zip(batch, rows):
+                    result.setdefault(f"window_{key}", []).append(row)
+            batch.clear()
+
+    for kind, path, item in ahead(file_windows(paths, window, hop), 4 * batch_size):
+        if kind == "file":
+            current = item
+            results.append(current)
+        elif kind == "window":
+            batch.append((current, item))
+            if len(batch) >= batch_size:
+                flush()
+        else:
+            if current is not None and current["path"] == path:      # failed midway: forget its windows
+                results.remove(current)
+                batch[:] = [(r, w) for r, w in batch if r is not current]
+            current = None
+            on_error(path, item)
     flush()
     for r in results:
-        r["window_probabilities"] = np.stack(r["window_probabilities"])
-        r["probabilities"] = r["window_probabilities"].mean(axis=0)
+        for key in [k for k in r if k.startswith("window_")]:
+            r[key] = np.stack(r[key])
+            r[key[len("window_"):]] = r[key].mean(axis=0)
     return results
 
 
+def output_names(results):
+    """A file name stem per result (the audio file's, numbered where two share one)."""
+    seen, names = {}, []
+    for r in results:
+        stem = os.path.splitext(os.path.basename(r["path"]))[0]
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return names
+
+
+def write_embeddings(results, folder):
+    """<name>.windows.npy (windows, features) and <name>.mean.npy (features,) per file. Returns the paths."""
+    import numpy as np
+    os.makedirs(folder, exist_ok=True)
+    written = []
+    for r, name in zip(results, output_names(results)):
+        for suffix, array in ((".windows.npy", r["window_embedding"]), (".mean.npy", r["embedding"])):
+            np.save(os.path.join(folder, name + suffix), array.astype(np.float32))
+        written.append(os.path.join(folder, name + ".mean.npy"))
+    return written
+
+
+def plot_taggrams(results, tags, folder, top_k):
+    """<name>.png per file: the tags (the track's top_k, or all with 0) over time, window by window, as
+    musicnn's taggrams show them; the track's top tags (the top five) marked. Returns the paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from tagger import files as fileio
+    os.makedirs(folder, exist_ok=True)
+    written = []
+    for r, name in zip(results, output_names(results)):
+        order = np.argsort(-r["probabilities"])
+        shown = order if top_k == 0 else order[:top_k]
+        grid = r["window_probabilities"][:, shown].T                   # (tags, windows)
+        starts = np.array(r["starts"])
+        step = starts[1] - starts[0] if len(starts) > 1 else r["duration"] or 1.0
+        fig, ax = plt.subplots(figsize=(max(6, 0.12 * len(starts) + 3), max(2.5, 0.22 * len(shown) + 1)))
+        image = ax.imshow(grid, aspect="auto", origin="upper", cmap="Blues", vmin=0, vmax=1, interpolation="nearest",
+                          extent=(starts[0], starts[-1] + step, len(shown) - 0.5, -0.5))
+        top = set(order[:5].tolist())
+        ax.set_yticks(range(len(shown)), [f"{tags[i]} *" if i in top else tags[i] for i in shown], fontsize=8)
+        for tick, i in zip(ax.get_yticklabels(), shown):
+            tick.set_fontweight("bold" if i in top else "normal")
+        ax.set_xlabel("time (s)")
+        ax.set_title(f"{os.path.basename(r['path'])}: tags over time (* the track's top 5)", fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.03, label="probability")
+        fig.tight_layout()
+        path = os.path.join(folder, name + ".png")
+        fileio.write_bytes(path, fileio.figure_png(fig))
+        written.append(path)
+    return written
+
+
 def top_tags(probs, tags, k, threshold):
-    order = sorted(range(len(tags)), key=lambda i: -probs[i])[:k]
+    """The k most probable tags (all for k = 0) at or above the threshold, as (tag, probability)."""
+    order = sorted(range(len(tags)), key=lambda i: -probs[i])[:k or None]
     return [(tags[i], float(probs[i])) for i in order if threshold is None or probs[i] >= threshold]
 
 
@@ -187,32 +264,54 @@ def write_output(results, tags, args, out=sys.stdout):
                     out.write(f"    {int(s // 60):02d}:{s % 60:05.2f}  {top}\n")
 
 
-def run(args):
-    if args.model is None:
-        model_dir = newest_model(args.models_dir)
-        print(f"Using the newest model, {model_dir}", file=sys.stderr)
-    else:
-        model_dir = resolve_model(args.model, args.models_dir)
-    audio_files = collect_files(args.paths)
+def load_tagger(model_dir, embeddings=False):
+    """(tags, window, serving) of an export: `serving(windows)` gives {"probabilities"} (and
+    {"embedding"} with `embeddings`) for a batch of windows as `tag_files` wants it."""
     config = json.loads(files.read_text(f"{model_dir}/config.json"))
-    tags = config["tags"]
     # Exports made before "window" existed took clip-length windows through serving_default.
     window = config.get("window", {"samples": config["clip_samples"], "hop": config["clip_samples"], "lead": 0,
                                    "end_aligned": True})
-    hop = int(round(args.hop * SAMPLE_RATE)) if args.hop else window["hop"]
     quiet_tensorflow()
     import tensorflow as tf
     signatures = tf.saved_model.load(model_dir).signatures
     serve = signatures["tag_windows"] if "tag_windows" in signatures else signatures["serving_default"]
+    embed = signatures.get("embed") if embeddings else None
+    if embeddings and embed is None:
+        raise UsageError(f"{model_dir} has no embed signature (exported by an older tagger): export it again")
+
+    def serving(windows):
+        x = tf.constant(windows)
+        out = {"probabilities": serve(waveform=x)["probabilities"].numpy()}
+        if embed is not None:
+            out["embedding"] = embed(waveform=x)["embedding"].numpy()
+        return out
+    return config["tags"], window, serving
+
+
+def run(args):
+    if args.model is None:
+        model_dir = files.newest_export(args.models_dir)
+        print(f"Using the newest model, {model_dir}", file=sys.stderr)
+    else:
+        model_dir = files.find_export(args.model, args.models_dir)
+    audio_files = collect_files(args.paths)
+    tags, window, serving = load_tagger(model_dir, embeddings=bool(args.embeddings))
+    hop = int(round(args.hop * SAMPLE_RATE)) if args.hop else window["hop"]
     failures = []
 
     def on_error(path, reason):
         failures.append(path)
         print(f"{path}: {reason}", file=sys.stderr)
 
-    results = tag_files(audio_files, lambda w: serve(waveform=tf.constant(w))["probabilities"].numpy(),
-                        window, hop, args.batch_size, on_error)
+    results = tag_files(audio_files, serving, window, hop, args.batch_size, on_error)
     write_output(results, tags, args)
+    if args.embeddings and results:
+        write_embeddings(results, args.embeddings)
+        print(f"Wrote embeddings of {len(results)} files to {args.embeddings}/ (NAME.windows.npy, NAME.mean.npy)",
+              file=sys.stderr)
+    if args.plot and results:
+        plot_taggrams(results, tags, args.plot, args.top_k)
+        print(f"Wrote taggrams of {len(results)} files to {args.plot}/", file=sys.stderr)
     if failures:
         print(f"{len(failures)} of {len(audio_files)} files could not be tagged", file=sys.stderr)
         return EXIT_FAILED

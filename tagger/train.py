@@ -16,8 +16,9 @@ import subprocess
 import sys
 import time
 
-from tagger import config, files, schedules
+from tagger import config, files, models, schedules
 from tagger.cli import EXIT_FAILED, EXIT_OK, ArgumentParser, UsageError, main_guard, positive_int, quiet_tensorflow
+from tagger.finetune import FREEZE, read_init
 from tagger.models import DoesNotFit
 
 PROG = "python -m tagger.train"
@@ -25,7 +26,7 @@ PROG = "python -m tagger.train"
 
 def build_parser(prog=PROG):
     p = ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    config.add_family_flags(p)
+    config.add_family_flags(p, default=None)          # None: the --init export's, or models.DEFAULT
     p.add_argument("--data", help=f"TFRecords folder from tagger.prepare (default: {config.DEMO_DATA}, created if "
                    "missing, with the family's demo settings)")
     config.add_training_flags(p)
@@ -40,6 +41,10 @@ def build_parser(prog=PROG):
     p.add_argument("--restore-best", action="store_true", help="export the best val_auc epoch, not the last")
     p.add_argument("--stop-after", type=positive_int, metavar="EPOCH", help="stop once this epoch is done, "
                    "checkpointed: the same command without it (or with a later one) goes on from there")
+    p.add_argument("--init", metavar="NAME_OR_PATH", help="start from an export's weights (its architecture; the "
+                   "output layer rebuilt when the data's tags differ, shared tags kept); a tenth of the learning "
+                   "rate unless --lr or --freeze body")
+    p.add_argument("--freeze", choices=FREEZE, help="with --init: body = train the output layer alone")
     p.add_argument("--shuffle-buffer", type=positive_int, help="records in the shuffle buffer (default 512)")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--models-dir", default="saved_models")
@@ -51,11 +56,35 @@ def config_from_args(argv, prog=PROG):
     by explicit flags."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    if args.freeze and not args.init:
+        parser.error("--freeze goes with --init")
+    fixed = {}
+    if args.init:
+        try:
+            folder, info = read_init(args.init, args.models_dir)
+        except UsageError as e:
+            parser.error(str(e))
+        arch = info.get("arch") or info.get("family")
+        if args.arch not in (None, arch):
+            parser.error(f"--init {args.init} is a {arch} model: leave out --arch {args.arch}, or pass --arch {arch}")
+        args.arch = arch
+        shaped = [flag for flag, value in (("--width", args.width), ("--precision", args.precision)) if value]
+        shaped += [o.flag for name, (o, _) in models.all_options().items() if getattr(args, name) is not None]
+        if shaped:
+            parser.error(f"{', '.join(shaped)} with --init: the architecture is the export's, {folder}")
+        recorded = info.get("config", {})          # a trained export's settings; a converted one has none
+        fixed = {"init": folder, "freeze": args.freeze or "", "width": recorded.get("width", 1.0),
+                 "precision": recorded.get("precision", "float32"),
+                 **{o.name: recorded[o.name] for o in models.get(arch).options if o.name in recorded}}
+    args.arch = args.arch or models.DEFAULT
     family, given = config.check_family_flags(parser, args)
     config.check_training_flags(parser, args)
     if (args.devices or args.scale_lr) and args.strategy != "mirrored":
         parser.error("--devices and --scale-lr go with --strategy mirrored")
-    return config.make_config(family, args, given)
+    if args.init and args.lr is None and not args.freeze:
+        preset = family.preset(args.data is None)
+        fixed["lr"] = preset["lr"] / 10
+    return config.make_config(family, args, given, **fixed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,7 +110,12 @@ def provenance(manifest_path):
 
 
 def build_model(cfg, manifest):
-    """The family's model for the data's tags and clip length; a clip it cannot take is a usage error."""
+    """The family's model for the data's tags and clip length (or the --init export's, its weights
+    loaded); a clip it cannot take is a usage error."""
+    if cfg.init:
+        from tagger.finetune import init_model
+        info = json.loads(files.read_text(f"{cfg.init}/config.json"))
+        return init_model(cfg.init, info, cfg.family, manifest, cfg.freeze)[0]
     try:
         return cfg.family.build(len(manifest["tags"]), manifest["clip_samples"], width=cfg.width,
                                 precision=cfg.precision, **cfg.option_values())
@@ -292,7 +326,7 @@ def run(cfg):
     with tf.io.gfile.GFile(f"{run_dir}/metrics.json", "w") as f:
         json.dump(metrics, f, indent=1)
     out = export.export(model, layout, f"{cfg.models_dir}/{cfg.run_name}", manifest["tags"],
-                        manifest["clip_samples"], {"config.json": info, "metrics.json": metrics})
+                        manifest["clip_samples"], {"config.json": info, "metrics.json": metrics}, family.embedding)
     print(f"\nTest ROC-AUC {test['roc_auc']:.4f}, PR-AUC {test['pr_auc']:.4f} on {len(y)} clips "
           f"({cfg.arch}, epoch {exported_epoch} of {cfg.epochs}, {train_seconds:.0f} s training, "
           f"{time.time() - started:.0f} s in all)")

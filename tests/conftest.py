@@ -11,6 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_ANNOTATIONS = os.path.join(ROOT, "..", "shared", "mtat", "annotations_final.csv.gz")
 TINY_SECONDS = 4.0  # long enough for the CNN at 256/256 and the CRNN's poolings
 TINY_SAMPLES = int(TINY_SECONDS * 16000)
+MUSICNN_WHEEL = os.environ.get("TAGGER_MUSICNN_WHEEL", os.path.join(ROOT, "wheels", "musicnn-0.1.0-py3-none-any.whl"))
 TINY_PARTS = {**{p: 3 for p in "0123456789ab"}, "c": 6, **{p: 3 for p in "def"}}
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -82,3 +83,22 @@ def crnn_run(tiny_records, tmp_path_factory):
                 "--lr", "1e-3")
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp, r
+
+
+@pytest.fixture(scope="session")
+def wheel():
+    """musicnn's wheel, which the test command fetches (pip download --no-deps musicnn==0.1.0 -d wheels):
+    the tests that need it fail, naming the command, when it is missing."""
+    if not os.path.isfile(MUSICNN_WHEEL):
+        pytest.fail(f"{MUSICNN_WHEEL} is missing: fetch it with pip download --no-deps musicnn==0.1.0 -d wheels "
+                    "(the README's test command does)")
+    return MUSICNN_WHEEL
+
+
+@pytest.fixture(scope="session")
+def converted(wheel, tmp_path_factory):
+    """The wheel's four models converted by tagger.convert into a models folder."""
+    out = tmp_path_factory.mktemp("converted")
+    r = run_cli("tagger.convert", "musicnn", wheel, "--models-dir", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out

@@ -31,6 +31,10 @@ def test_summary_takes_medians_and_ratios_round_by_round():
                             cnn_forward_flops_per_clip=1e8),
         "crnn_train": _round("crnn_train", "crnn_train", (4.0, 8.0, 5.0), (3600.0, 3700.0, 3650.0),
                              crnn_forward_flops_per_clip=6e9),
+        "musicnn_predict": [{"musicnn_predict_files_per_s": v, "musicnn_predict_audio_x_realtime": 180 * v,
+                             "musicnn_predict_peak_rss_mb": 900.0} for v in (0.5, 0.4, 0.3)],
+        "musicnn_reference": [{"musicnn_reference_files_per_s": v, "musicnn_reference_audio_x_realtime": 180 * v,
+                               "musicnn_reference_peak_rss_mb": 800.0} for v in (0.25, 0.4, 0.1)],
     }
     peer = [{"cnn": 200.0, "crnn": 2.0, "version": "2.13.0"}, {"cnn": 300.0, "crnn": 2.0, "version": "2.13.0"},
             {"cnn": 300.0, "crnn": 2.0, "version": "2.13.0"}]
@@ -45,6 +49,9 @@ def test_summary_takes_medians_and_ratios_round_by_round():
     assert r["crnn_train_vs_peer"] == 2.5               # rounds 2, 4, 2.5
     assert r["peer"]["cnn_train_clips_per_s"] == 300.0 and r["peer"]["torch"] == "2.13.0"
     assert r["cnn_train_gflops"] == 3 * 1e8 * 330.0 / 1e9
+    assert r["musicnn_predict_vs_reference"] == 2.0     # rounds 2, 1, 3; of medians: 0.4 / 0.25 = 1.6
+    assert r["musicnn_predict_files_per_s"] == 0.4 and r["musicnn_predict_runs"] == [0.5, 0.4, 0.3]
+    assert r["musicnn_reference_audio_x_realtime"] == 180 * 0.25
     missing = {**runs, "librosa": [{"librosa_clips_per_s": None, "librosa_note": "not installed"}]}
     r = summarize({}, missing, [])
     assert r["librosa_clips_per_s"] is None and "frontend_vs_librosa" not in r and "peer" not in r
@@ -73,6 +80,13 @@ def test_table_reports_ratios_and_missing_values():
     assert "| cnn training, batches of 10 x 10 x 46592 | 300.00 |" in text
     assert "1.50 x PyTorch (200.00 examples/s)" in text and text.count("x PyTorch") == 1
     assert "predict, exported crnn" in text and "precision" not in text
+    missing = table({**r, "musicnn_note": "soundfile not installed"})
+    assert "| tagger.predict | n/a |  |  | soundfile not installed |" in missing
+    both = table({**r, "musicnn_predict_files_per_s": 0.5, "musicnn_predict_audio_x_realtime": 90.0,
+                  "musicnn_predict_peak_rss_mb": 900.0, "musicnn_reference_files_per_s": 0.25,
+                  "musicnn_predict_vs_reference": 2.0})
+    assert "| tagger.predict | 0.500 | 90 | 900.0 | 2.00 x musicnn's own path |" in both
+    assert "| musicnn's own path (librosa, float16, TF1 graph) | 0.250 |  |  |  |" in both
     assert "training in mixed_bfloat16 (the peer in float32)" in table({**r, "precision": "mixed_bfloat16"})
 
 

@@ -18,8 +18,9 @@ from tagger.models.family import Chunks
 SERVE = """
 import json, sys, numpy as np, tensorflow as tf
 m = tf.saved_model.load(sys.argv[1])
-clips, track = np.load(sys.argv[2]), np.load(sys.argv[3])
+clips, track, windows = np.load(sys.argv[2]), np.load(sys.argv[3]), np.load(sys.argv[5])
 out = {"serve": m.signatures["serving_default"](waveform=tf.constant(clips))["probabilities"].numpy().tolist(),
+       "embed": m.signatures["embed"](waveform=tf.constant(windows))["embedding"].numpy().tolist(),
        "track": {k: v.numpy().tolist() for k, v in m.signatures["tag_track"](
            waveform=tf.constant(track), hop_seconds=tf.constant(0.0)).items()},
        "modules": sorted(k for k in sys.modules if k.split(".")[0] in ("tagger", "tensorflow_io"))}
@@ -47,38 +48,50 @@ def test_every_family_trains_a_step_exports_and_serves_in_a_tensorflow_only_proc
     window = windowing["samples"]
     info = {"clip_samples": TINY_SAMPLES, "window": windowing, "tags": manifest["tags"]}
     out = export.export(model, family.layout, str(tmp_path / name), manifest["tags"], TINY_SAMPLES,
-                        {"config.json": info})
+                        {"config.json": info}, family.embedding)
 
     rng = np.random.default_rng(2)
     clips = rng.uniform(-0.5, 0.5, (2, TINY_SAMPLES)).astype(np.float32)
     pcm = rng.integers(-16000, 16000, 2 * window + window // 2).astype(np.int16)
     track = pcm.astype(np.float32) / 32768         # exactly what tagger.predict reads from the WAV file below
+    starts = export.window_starts(len(track), window, windowing["hop"], windowing["lead"], windowing["end_aligned"])
+    padded = np.pad(track, (windowing["lead"], export.padded_length(len(track), window, windowing["lead"])
+                            - len(track) - windowing["lead"]))
+    windows = np.stack([padded[s:s + window] for s in starts])
     np.save(tmp_path / "clips.npy", clips)
     np.save(tmp_path / "track.npy", track)
+    np.save(tmp_path / "windows.npy", windows)
     (tmp_path / "serve.py").write_text(SERVE)
     r = subprocess.run([sys.executable, str(tmp_path / "serve.py"), out, str(tmp_path / "clips.npy"),
-                        str(tmp_path / "track.npy"), str(tmp_path / "out.json")], capture_output=True, text=True,
-                       cwd=str(tmp_path), env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+                        str(tmp_path / "track.npy"), str(tmp_path / "out.json"), str(tmp_path / "windows.npy")],
+                       capture_output=True, text=True, cwd=str(tmp_path),
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads((tmp_path / "out.json").read_text())
     assert got["modules"] == []
     want = model(family.layout.model_input(tf.constant(clips), model.input_shape), training=False).numpy()
     np.testing.assert_allclose(got["serve"], want, atol=2e-5)
-    starts = export.window_starts(len(track), window, windowing["hop"], windowing["lead"], windowing["end_aligned"])
-    padded = np.pad(track, (windowing["lead"], export.padded_length(len(track), window, windowing["lead"])
-                            - len(track) - windowing["lead"]))
-    windows = tf.constant(np.stack([padded[s:s + window] for s in starts]))
-    per_window = model(family.layout.window_input(windows, model.input_shape), training=False).numpy()
+    per_window = model(family.layout.window_input(tf.constant(windows), model.input_shape), training=False).numpy()
     np.testing.assert_allclose(got["track"]["window_starts"], [s / 16000 for s in starts], atol=1e-5)
     np.testing.assert_allclose(got["track"]["window_probabilities"], per_window, atol=2e-5)
     np.testing.assert_allclose(got["track"]["probabilities"], per_window.mean(axis=0), atol=2e-5)
+    from tagger.models.layers import embedding_model
+    embedder = embedding_model(model, family.embedding, family.layout)
+    features = embedder(family.layout.window_input(tf.constant(windows), model.input_shape), training=False).numpy()
+    assert features.shape[0] == len(starts) and features.ndim == 2 and features.std() > 0
+    np.testing.assert_allclose(got["embed"], features, atol=2e-5 * max(1.0, np.abs(features).max()))
 
     import wave
     with wave.open(str(tmp_path / "track.wav"), "wb") as f:
         f.setnchannels(1), f.setsampwidth(2), f.setframerate(16000)
         f.writeframes(pcm.tobytes())
-    p = run_cli("tagger.predict", tmp_path / "track.wav", "--model", out, "--format", "json", "--timeline")
+    p = run_cli("tagger.predict", tmp_path / "track.wav", "--model", out, "--format", "json", "--timeline",
+                "--embeddings", tmp_path / "emb")
     assert p.returncode == 0, p.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "emb" / "track.windows.npy"), features,
+                               atol=3e-5 * max(1.0, np.abs(features).max()))
+    np.testing.assert_allclose(np.load(tmp_path / "emb" / "track.mean.npy"), features.mean(axis=0),
+                               atol=3e-5 * max(1.0, np.abs(features).max()))
     (tagged,) = json.loads(p.stdout)
     assert [w["start"] for w in tagged["windows"]] == pytest.approx([s / 16000 for s in starts])
     np.testing.assert_allclose([[w["tags"][t] for t in manifest["tags"]] for w in tagged["windows"]], per_window,

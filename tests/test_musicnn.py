@@ -8,61 +8,11 @@ import zipfile
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
+from tagger.reference import AuthorsGraph, musicnn_patches, musicnn_tags
 
-WHEEL = os.environ.get("TAGGER_MUSICNN_WHEEL", os.path.join(ROOT, "wheels", "musicnn-0.1.0-py3-none-any.whl"))
 MODELS = {"MTT_musicnn": "musicnn-mtt", "MTT_vgg": "vgg-mtt", "MSD_musicnn": "musicnn-msd", "MSD_vgg": "vgg-msd"}
-
-
-@pytest.fixture(scope="session")
-def wheel():
-    if not os.path.isfile(WHEEL):
-        pytest.fail(f"{WHEEL} is missing: fetch it with pip download --no-deps musicnn==0.1.0 -d wheels (the "
-                    "README's test command does)")
-    return WHEEL
-
-
-@pytest.fixture(scope="session")
-def converted(wheel, tmp_path_factory):
-    out = tmp_path_factory.mktemp("converted")
-    r = run_cli("tagger.convert", "musicnn", wheel, "--models-dir", out)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
-
-
-class OriginalGraph:
-    """musicnn's inference graph up to model/Sigmoid, from the checkpoint folder's .meta file (the
-    `_output_shapes` attributes dropped: with them the training nodes fail to import), with the
-    checkpoint's values assigned to its variables."""
-
-    def __init__(self, wheel, model_name, tmp):
-        from tensorflow.core.protobuf import meta_graph_pb2
-        folder = f"musicnn/{model_name}"
-        with zipfile.ZipFile(wheel) as z:
-            meta = meta_graph_pb2.MetaGraphDef.FromString(z.read(f"{folder}/.meta"))
-            for name in (".index", ".data-00000-of-00001"):
-                (tmp / name).write_bytes(z.read(f"{folder}/{name}"))
-        for node in meta.graph_def.node:
-            if "_output_shapes" in node.attr:
-                del node.attr["_output_shapes"]
-        graph_def = tf.compat.v1.graph_util.extract_sub_graph(meta.graph_def, ["model/Sigmoid"])
-        reader = tf.compat.v1.train.NewCheckpointReader(str(tmp) + "/")
-        self.graph = tf.Graph()
-        with self.graph.as_default():
-            tf.compat.v1.import_graph_def(graph_def, name="")
-            placeholders = [n for n in graph_def.node if n.op == "Placeholder"]
-            self.x = next(f"{n.name}:0" for n in placeholders if n.attr["dtype"].type == tf.float32.as_datatype_enum)
-            self.training = next(f"{n.name}:0" for n in placeholders if n.attr["dtype"].type == tf.bool.as_datatype_enum)
-            assigns = [tf.compat.v1.assign(self.graph.get_tensor_by_name(f"{n.name}:0"), reader.get_tensor(n.name))
-                       for n in graph_def.node if n.op == "VariableV2"]
-            self.variables = [n.name for n in graph_def.node if n.op == "VariableV2"]
-            self.session = tf.compat.v1.Session(graph=self.graph)
-            self.session.run(assigns)
-
-    def __call__(self, patches):
-        return self.session.run("model/Sigmoid:0", {self.x: patches, self.training: False})
 
 
 def _patches():
@@ -84,7 +34,7 @@ def test_converted_models_equal_the_authors_graph(model_name, wheel, converted, 
     converted export's network give the same probabilities (to 1e-5), on silence and loud input too;
     the variables are counted from the checkpoint."""
     from tagger.models import load_model
-    original = OriginalGraph(wheel, model_name, tmp_path)
+    original = AuthorsGraph(wheel, model_name)
     model = load_model(str(converted / MODELS[model_name] / "model.keras"))
     network = model.get_layer(f"{model_name.split('_')[1]}_network")
     patches = _patches()
@@ -94,8 +44,7 @@ def test_converted_models_equal_the_authors_graph(model_name, wheel, converted, 
     assert np.abs(got - want).max() <= 1e-5, np.abs(got - want).max()
     trainable = [v for v in original.variables if not v.endswith(("moving_mean", "moving_variance"))]
     assert len(trainable) == len(network.trainable_weights)
-    reader = tf.compat.v1.train.NewCheckpointReader(str(tmp_path) + "/")
-    count = sum(int(np.prod(reader.get_variable_to_shape_map()[v])) for v in trainable)
+    count = sum(int(np.prod(original.shapes[v])) for v in trainable)
     assert count == sum(int(np.prod(w.shape)) for w in network.trainable_weights)
     assert (len(trainable), count) == {"musicnn": (42, 787159), "vgg": (24, 605748)}[model_name.split("_")[1]]
 
@@ -142,18 +91,6 @@ def test_convert_refuses_a_damaged_wheel_and_keeps_what_is_there(converted, whee
     assert os.path.getmtime(converted / "musicnn-mtt" / "saved_model.pb") == before
 
 
-def _musicnn_pipeline(original, path):
-    """musicnn's own tagging (its extractor, as 0.1.0 computes it): librosa at 16 kHz, its mel
-    spectrogram, rounded to float16, log10(10000 x + 1), non-overlapping 187-frame patches (the partial
-    last dropped), the authors' graph, the mean over patches."""
-    import librosa
-    audio, sr = librosa.load(path, sr=16000)
-    rep = librosa.feature.melspectrogram(y=audio, sr=sr, hop_length=256, n_fft=512, n_mels=96).T
-    rep = np.log10(10000 * rep.astype(np.float16) + 1)
-    patches = np.stack([rep[t:t + 187] for t in range(0, rep.shape[0] - 187 + 1, 187)])
-    return original(patches).mean(axis=0)
-
-
 def _recordings(folder):
     """7 s recordings: a chord, a drum pattern and a sung vowel line (the demo synthesizer's voice) as
     16 kHz mono WAV files, and the chord as a 44.1 kHz stereo mp3."""
@@ -190,14 +127,14 @@ def test_tagger_predict_equals_musicnns_own_pipeline(model_name, wheel, converte
     stereo mp3 (another decoder and resampler)."""
     import json
     paths = _recordings(tmp_path)
-    original = OriginalGraph(wheel, model_name, tmp_path)
+    original = AuthorsGraph(wheel, model_name)
     r = run_cli("tagger.predict", *paths.values(), "--model", converted / MODELS[model_name], "--format", "json")
     assert r.returncode == 0, r.stderr[-3000:]
     ours = {item["path"]: item for item in json.loads(r.stdout)}
     tags = json.loads((converted / MODELS[model_name] / "tags.json").read_text())
     for name, path in paths.items():
         got = np.array([ours[path]["tags"][t] for t in tags])
-        want = _musicnn_pipeline(original, path)
+        want = musicnn_tags(original, path)
         assert np.abs(got - want).max() <= (1e-2 if name == "mp3" else 1e-3), (name, np.abs(got - want).max())
 
 
@@ -208,3 +145,32 @@ def test_predict_takes_a_converted_models_name(converted, tmp_path):
     assert r.returncode == 0 and "tone.wav" in r.stdout, r.stderr[-3000:]
     r = run_cli("tagger.predict", tmp_path / "tone.wav", "--model", "musicnn-xyz", "--models-dir", converted)
     assert r.returncode == 2 and "(there: musicnn-msd, musicnn-mtt, vgg-msd, vgg-mtt)" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("model_name", ["MTT_musicnn", "MTT_vgg"])
+def test_embeddings_are_the_authors_penultimate_features(model_name, wheel, converted, tmp_path):
+    """predict --embeddings: each window's row is the authors' penultimate features on the same patches
+    (librosa's mel spectrogram kept in float32 here, so no float16 rounding between the two), the mean
+    file their mean; --top-k 0 lists all 50 tags, and --plot draws them: a taller taggram than the top 5's."""
+    import json
+
+    import matplotlib.image
+    paths = _recordings(tmp_path)
+    wavs = [paths["chord"], paths["drums"]]
+    original = AuthorsGraph(wheel, model_name)
+    r = run_cli("tagger.predict", *wavs, "--model", converted / MODELS[model_name], "--format", "json",
+                "--top-k", "0", "--embeddings", tmp_path / "emb", "--plot", tmp_path / "all")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [len(item["tags"]) for item in json.loads(r.stdout)] == [50, 50]
+    for path in wavs:
+        name = os.path.splitext(os.path.basename(path))[0]
+        windows, mean = (np.load(tmp_path / "emb" / f"{name}.{kind}.npy") for kind in ("windows", "mean"))
+        patches = musicnn_patches(path, float16=False)
+        want = original(patches, original.features)
+        assert windows.shape == want.shape and len(windows) == 2, (windows.shape, want.shape)  # 7 s: 2 patches
+        assert np.abs(windows - want).max() <= 1e-4 * np.abs(want).max(), np.abs(windows - want).max()
+        np.testing.assert_allclose(mean, windows.mean(axis=0), rtol=1e-6, atol=1e-7)
+    r = run_cli("tagger.predict", wavs[0], "--model", converted / MODELS[model_name], "--plot", tmp_path / "top")
+    assert r.returncode == 0, r.stderr[-3000:]
+    tall, short = (matplotlib.image.imread(tmp_path / d / "chord.png") for d in ("all", "top"))
+    assert tall.shape[0] > 2 * short.shape[0] and short.shape[1] >= 400 and short.std() > 0.05

@@ -94,7 +94,7 @@ def test_a_corrupt_file_among_good_ones(crnn_run, music, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--model", "/no/model", "x.wav"], "is neither a tagger export nor the name of one in"),
     (["/no/such/file.wav"], "does not exist"),
-    (["--top-k", "0", "x.wav"], "at least 1"),
+    (["--top-k", "-1", "x.wav"], "-1 must be 0 or more"),
     (["--format", "xml", "x.wav"], "invalid choice"),
 ])
 def test_usage_errors(args, message, crnn_run, tmp_path):
@@ -142,3 +142,22 @@ def test_saved_model_cli_lists_both_signatures(crnn_run):
     assert r.returncode == 0, r.stderr[-2000:]
     for name in ("serving_default", "tag_track", "tag_names"):
         assert f"signature_def['{name}']" in r.stdout
+
+
+def test_decoding_ahead_keeps_order_and_hands_over_its_errors():
+    """The decoder thread's items arrive in order, at most `size` ahead, and its exception is raised in
+    the consumer after the items before it."""
+    from tagger.predict import ahead
+    produced = []
+
+    def items():
+        for i in range(5):
+            produced.append(i)
+            yield i
+        raise RuntimeError("decoder crashed")
+    got = []
+    with pytest.raises(RuntimeError, match="decoder crashed"):
+        for item in ahead(items(), 2):
+            got.append(item)
+            assert len(produced) - len(got) <= 3        # 2 queued, 1 waiting to be
+    assert got == [0, 1, 2, 3, 4]

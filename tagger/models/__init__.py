@@ -49,10 +49,12 @@ def all_options():
 
 
 def load_model(path):
-    """A `model.keras` saved by tagger (its custom layers registered first). Imports TensorFlow."""
+    """A `model.keras` saved by tagger (its custom layers registered first), uncompiled: the training
+    state it was saved with (an optimizer class made for that run) is not needed to use or fine-tune
+    it. Imports TensorFlow."""
     import keras
 
     import tagger.features  # noqa: F401  (registers the layers)
     import tagger.kernels  # noqa: F401
     import tagger.models.layers  # noqa: F401
-    return keras.saving.load_model(path)
+    return keras.saving.load_model(path, compile=False)

@@ -104,4 +104,6 @@ FAMILY = Family(
     search={"optimizer": "sgd", "momentum": (0.99, 0.97, 0.95, 0.9, 0.0), "lr": (0.001, 0.002, 0.005, 0.01, 0.02),
             "demo_epochs": 10},
     validate=validate,
+    embedding="dense",
+    head="sub_clip_probabilities",
 )

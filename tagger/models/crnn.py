@@ -79,4 +79,5 @@ FAMILY = Family(
     options=(Option("gru_units", int, 32, "units of each GRU layer (Choi et al.: 32; the study: 15)", low=1),
              Option("bn_momentum", float, 0.99, "batch-norm moving-average momentum", low=0, high=1)),
     run_name="-gru{gru_units}",
+    embedding="gru2_elu",
 )

@@ -49,6 +49,7 @@ class WholeClip:
     # of window_samples every hop samples, and one more aligned to the end where the last one stops short.
     lead = 0
     end_aligned = True
+    any_length = False            # the model takes clips of one length (WholeClip, SubClips); pieces: any
 
     def window_samples(self, clip_samples):
         return clip_samples
@@ -80,6 +81,10 @@ class WholeClip:
         """Clip-length windows of a long track (batch, window_samples) -> model input."""
         return self.model_input(windows, input_shape)
 
+    def pool_pieces(self, features, model_input):
+        """A layer's output inside the model -> one vector per clip, as the probabilities are pooled."""
+        return features
+
 
 @dataclass(frozen=True)
 class SubClips(WholeClip):
@@ -96,6 +101,10 @@ class SubClips(WholeClip):
         from tagger.data import to_sub_clips
         return to_sub_clips(waves, self.count, input_shape[-1])
 
+    def pool_pieces(self, features, model_input):
+        import keras
+        return keras.layers.GlobalAveragePooling1D(name="embedding_mean")(features)
+
 
 @dataclass(frozen=True)
 class Chunks(WholeClip):
@@ -105,6 +114,7 @@ class Chunks(WholeClip):
     from the clip's start to its end (16 for a 29 s MTAT clip, as Won et al.; the same 16 for any
     length); a long track is tagged chunk by chunk."""
     name = "chunks"
+    any_length = True
     samples: int = 59049
     eval_count: int = 16
 
@@ -147,6 +157,10 @@ class Chunks(WholeClip):
     def window_input(self, windows, input_shape):
         return windows[:, None, :]
 
+    def pool_pieces(self, features, model_input):
+        from tagger.models.layers import MeanOverChunks
+        return MeanOverChunks(name="embedding_mean")([features, model_input])
+
 
 @dataclass(frozen=True)
 class Patches(WholeClip):
@@ -158,6 +172,7 @@ class Patches(WholeClip):
     of the whole), and averages the patches' predictions. Training reads one patch per clip at an
     offset drawn from (seed, epoch, clip id)."""
     name = "patches"
+    any_length = True
     end_aligned = False          # musicnn drops the partial last patch
     frames: int = 187
     hop: int = 256
@@ -222,6 +237,8 @@ class Patches(WholeClip):
     def window_input(self, windows, input_shape):
         return windows[:, None, :]
 
+    pool_pieces = Chunks.pool_pieces
+
 
 # ------------------------------------------------------------------------------------------------
 
@@ -243,6 +260,9 @@ class Family:
       search: tuning.search's default grid: {"optimizer": ..., "lr": (...), "momentum": (...)} (momentum
         only for SGD), and "demo_epochs", the epochs per trial on the demo.
       validate: `validate(given)` -> None or an error line, for the options given on the command line.
+      embedding: the layer whose output (pooled over a clip's pieces) is the model's embedding, the
+        penultimate features (`embed` signature, tagger.predict --embeddings).
+      head: the output layer (a Dense of one unit a tag), which fine-tuning on other tags rebuilds.
     """
     name: str
     summary: str
@@ -255,6 +275,8 @@ class Family:
     search: dict = field(default_factory=lambda: {"optimizer": "adam", "lr": (1e-4, 2e-4, 5e-4, 1e-3, 2e-3),
                                                   "demo_epochs": 2})
     validate: Callable = lambda given: None
+    embedding: str = None
+    head: str = "probabilities"
 
     def option_defaults(self):
         return {o.name: o.default for o in self.options}

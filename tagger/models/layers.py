@@ -42,3 +42,17 @@ def patch_model(network, layout, name):
     x = keras.layers.Permute((2, 1), name="time_major", dtype="float32")(x)       # (frames, mel), as musicnn
     probs = network(x)
     return keras.Model(patches, MeanOverChunks(name="probabilities", dtype="float32")([probs, patches]), name=name)
+
+
+def embedding_model(model, layer_name, layout):
+    """A model from `model`'s input to the output of its layer `layer_name` (also inside a nested
+    network), pooled over a clip's pieces as the probabilities are: one vector per model input."""
+    names = [layer.name for layer in model.layers]
+    if layer_name in names:
+        features = model.get_layer(layer_name).output
+    else:
+        network = next(layer for layer in model.layers if isinstance(layer, keras.Model)
+                       and layer_name in [inner.name for inner in layer.layers])
+        inner = keras.Model(network.input, network.get_layer(layer_name).output)
+        features = inner(network._inbound_nodes[0].input_tensors[0])      # what feeds the network in `model`
+    return keras.Model(model.input, layout.pool_pieces(features, model.input), name=f"{model.name}_embedding")

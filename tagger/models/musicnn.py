@@ -92,4 +92,6 @@ FAMILY = Family(
     demo=dict(epochs=20, width=0.25, lr=2e-3),
     options=(Option("midend_filters", int, 64, "filters of each mid-end convolution (MSD_musicnn_big: 512)", low=1),
              Option("backend_units", int, 200, "units of the penultimate dense layer (MSD_musicnn_big: 500)", low=1)),
+    embedding="embedding",
+    head="tags",
 )

@@ -67,4 +67,6 @@ FAMILY = Family(
     # A quarter of the channels and Adam at 1e-3 for 40 epochs: test ROC-AUC above 0.85 on the demo in under
     # 3 minutes on 2 cores (README).
     demo=dict(lr=1e-3, epochs=40, width=0.25, schedule="constant"),
+    embedding="flatten",
+    head="chunk_probabilities",
 )

@@ -83,4 +83,6 @@ FAMILY = Family(
     # A quarter of the channels and Adam at 1e-3 for 30 epochs: test ROC-AUC above 0.85 on the demo in under
     # 3 minutes on 2 cores (README).
     demo=dict(lr=1e-3, epochs=30, width=0.25, schedule="constant"),
+    embedding="dense1_relu",
+    head="chunk_probabilities",
 )

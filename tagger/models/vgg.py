@@ -57,4 +57,6 @@ FAMILY = Family(
     # lag the few hundred demo steps: test ROC-AUC 0.76 instead of 0.89): under 2 minutes on 2 cores.
     demo=dict(epochs=20, width=0.5, batch_size=16, lr=2e-3, bn_momentum=0.9),
     options=(Option("bn_momentum", float, 0.99, "batch-norm moving-average momentum", low=0, high=1),),
+    embedding="embedding",
+    head="tags",
 )
