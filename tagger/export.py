@@ -14,8 +14,9 @@
   at a time in a loop, so a long track never sits in the model at once.
 - `tag_windows`: windows (batch, window samples) -> {"probabilities": (batch, num_tags)}, each
   window tagged as `tag_track` tags it (what tagger.predict calls).
-- `embed`: windows (batch, window samples) -> {"embedding": (batch, features)}, the model's
-  penultimate features (its family's `embedding` layer) pooled over each window's pieces.
+- `embed`: windows (batch, window samples) -> {"embedding": (batch, features), "probabilities"}, the
+  model's penultimate features (its family's `embedding` layer) pooled over each window's pieces, and
+  the window's probabilities as `tag_windows` gives them, from one pass.
 - `tag_names`: no input -> {"tags": (num_tags,) string}, the output order.
 """
 import contextlib
@@ -102,11 +103,12 @@ def serving_functions(model, layout, clip_samples, tags, embedding=None):
     functions = {"serving_default": serve, "tag_track": tag_track, "tag_windows": tag_windows, "tag_names": tag_names}
     if embedding:
         from tagger.models.layers import embedding_model
-        embedder = embedding_model(model, embedding, layout)
+        embedder = embedding_model(model, embedding, layout, with_probabilities=True)
 
         @tf.function(input_signature=[tf.TensorSpec([None, window], tf.float32, name="waveform")])
         def embed(waveform):
-            return {"embedding": embedder(layout.window_input(waveform, model.input_shape), training=False)}
+            features, probabilities = embedder(layout.window_input(waveform, model.input_shape), training=False)
+            return {"embedding": features, "probabilities": probabilities}
 
         functions["embed"] = embed
     return functions

@@ -1,13 +1,16 @@
 """Tag audio files with an exported model.
 
-    python -m tagger.predict song.mp3 music/ [--model saved_models/NAME] [--top-k 5] [--threshold X]
-                             [--format table|json|csv] [--timeline] [--hop SECONDS]
+    python -m tagger.predict song.mp3 music/ [--model NAME_OR_PATH] [--models-dir DIR] [--top-k 5]
+                             [--threshold X] [--format table|json|csv] [--timeline] [--hop SECONDS]
+                             [--embeddings DIR] [--plot DIR]
 
 Files or folders (searched recursively for mp3, wav, flac, ogg), any rate and channel count. A
-track longer than the model's window (the clip it was trained on, or the chunk of the short-chunk
-families) is cut into windows (every --hop seconds, the last window aligned to the end of the track);
-a shorter one is zero-padded. Windows from all files go through the model in batches and are
-averaged per track, as the SavedModel's `tag_track` does.
+track longer than the model's window (the clip it was trained on, the chunk of the short-chunk
+families, musicnn's 3 s patch) is cut into windows (every --hop seconds, the last window aligned to
+the end of the track, or dropped when partial as musicnn does); a shorter one is zero-padded. Windows
+from all files go through the model in batches and are averaged per track, as the SavedModel's
+`tag_track` does. --embeddings writes each file's penultimate features (and an index.csv of which
+file each name is), --plot its taggram.
 """
 import csv
 import json
@@ -43,6 +46,9 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         p.error(f"--threshold {args.threshold} must be between 0 and 1")
+    for flag, folder in (("--embeddings", args.embeddings), ("--plot", args.plot)):
+        if folder and os.path.exists(folder) and not os.path.isdir(folder):
+            p.error(f"{flag} {folder} is a file: name a folder (created if missing)")
     return args
 
 
@@ -87,20 +93,23 @@ def track_windows(blocks, length, window_samples, starts, lead=0):
 
 def file_windows(paths, window, hop):
     """For each file: ("file", path, result) with its duration and window starts, then ("window", path,
-    samples) for each window, or ("error", path, reason) where it cannot be decoded (also midway)."""
+    samples) for each window, or ("error", path, (reason, result or None)) where it cannot be decoded
+    (also midway, after its "file")."""
     from tagger.audio import AudioError, Stream
     from tagger.export import window_starts
 
     for path in paths:
+        result = None
         try:
             stream = Stream(path, SAMPLE_RATE)
             starts = window_starts(len(stream), window["samples"], hop, window["lead"], window["end_aligned"])
-            yield "file", path, {"path": path, "duration": round(len(stream) / SAMPLE_RATE, 3),
-                                 "starts": [s / SAMPLE_RATE for s in starts]}
+            result = {"path": path, "duration": round(len(stream) / SAMPLE_RATE, 3),
+                      "starts": [s / SAMPLE_RATE for s in starts]}
+            yield "file", path, result
             for samples in track_windows(stream, len(stream), window["samples"], starts, window["lead"]):
                 yield "window", path, samples
         except AudioError as e:
-            yield "error", path, str(e)
+            yield "error", path, (str(e), result)
 
 
 def ahead(items, size):
@@ -109,24 +118,38 @@ def ahead(items, size):
     import queue
     import threading
 
-    q, done = queue.Queue(maxsize=size), object()
+    q, done, stop = queue.Queue(maxsize=size), object(), threading.Event()
+
+    def put(entry):
+        while not stop.is_set():
+            try:
+                return q.put(entry, timeout=0.1)
+            except queue.Full:
+                pass
 
     def produce():
         try:
             for item in items:
-                q.put((item, None))
-            q.put((done, None))
+                put((item, None))
+                if stop.is_set():
+                    return
+            put((done, None))
         except BaseException as e:          # handed to the consumer, which raises it
-            q.put((done, e))
+            put((done, e))
 
-    threading.Thread(target=produce, daemon=True).start()
-    while True:
-        item, error = q.get()
-        if item is done:
-            if error is not None:
-                raise error
-            return
-        yield item
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:                                # also when the consumer stops early: the thread ends
+        stop.set()
+        thread.join()
 
 
 def tag_files(paths, serving, window, hop, batch_size, on_error):
@@ -160,11 +183,12 @@ def tag_files(paths, serving, window, hop, batch_size, on_error):
             if len(batch) >= batch_size:
                 flush()
         else:
-            if current is not None and current["path"] == path:      # failed midway: forget its windows
-                results.remove(current)
-                batch[:] = [(r, w) for r, w in batch if r is not current]
+            reason, started = item
+            if started is not None:                 # failed midway: forget its windows
+                results.remove(started)
+                batch[:] = [(r, w) for r, w in batch if r is not started]
             current = None
-            on_error(path, item)
+            on_error(path, reason)
     flush()
     for r in results:
         for key in [k for k in r if k.startswith("window_")]:
@@ -174,24 +198,33 @@ def tag_files(paths, serving, window, hop, batch_size, on_error):
 
 
 def output_names(results):
-    """A file name stem per result (the audio file's, numbered where two share one)."""
-    seen, names = {}, []
+    """A file name stem per result: the audio file's, or numbered (stem-2, stem-3, ...) where an earlier
+    one took it, compared without case (a.wav, a.mp3 and A.flac are a, a-2, A-3)."""
+    taken, names = set(), []
     for r in results:
-        stem = os.path.splitext(os.path.basename(r["path"]))[0]
-        seen[stem] = seen.get(stem, 0) + 1
-        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+        stem = name = os.path.splitext(os.path.basename(r["path"]))[0]
+        number = 1
+        while name.lower() in taken:
+            number += 1
+            name = f"{stem}-{number}"
+        taken.add(name.lower())
+        names.append(name)
     return names
 
 
 def write_embeddings(results, folder):
-    """<name>.windows.npy (windows, features) and <name>.mean.npy (features,) per file. Returns the paths."""
+    """<name>.windows.npy (windows, features) and <name>.mean.npy (features,) per file, and index.csv
+    (name, path, windows) saying which file each name is. Returns the mean files' paths."""
     import numpy as np
     os.makedirs(folder, exist_ok=True)
-    written = []
+    written, rows = [], []
     for r, name in zip(results, output_names(results)):
         for suffix, array in ((".windows.npy", r["window_embedding"]), (".mean.npy", r["embedding"])):
             np.save(os.path.join(folder, name + suffix), array.astype(np.float32))
         written.append(os.path.join(folder, name + ".mean.npy"))
+        rows.append((name, r["path"], len(r["window_embedding"])))
+    with open(os.path.join(folder, "index.csv"), "w", newline="") as f:
+        csv.writer(f).writerows([("name", "path", "windows"), *rows])
     return written
 
 
@@ -213,8 +246,11 @@ def plot_taggrams(results, tags, folder, top_k):
         starts = np.array(r["starts"])
         step = starts[1] - starts[0] if len(starts) > 1 else r["duration"] or 1.0
         fig, ax = plt.subplots(figsize=(max(6, 0.12 * len(starts) + 3), max(2.5, 0.22 * len(shown) + 1)))
-        image = ax.imshow(grid, aspect="auto", origin="upper", cmap="Blues", vmin=0, vmax=1, interpolation="nearest",
-                          extent=(starts[0], starts[-1] + step, len(shown) - 0.5, -0.5))
+        # Each window from its own start to the next one's (the last aligned to the track's end starts
+        # closer than a hop), the last for a hop.
+        edges = np.append(starts, starts[-1] + step)
+        image = ax.pcolormesh(edges, np.arange(len(shown) + 1) - 0.5, grid, cmap="Blues", vmin=0, vmax=1)
+        ax.invert_yaxis()
         top = set(order[:5].tolist())
         ax.set_yticks(range(len(shown)), [f"{tags[i]} *" if i in top else tags[i] for i in shown], fontsize=8)
         for tick, i in zip(ax.get_yticklabels(), shown):
@@ -280,11 +316,8 @@ def load_tagger(model_dir, embeddings=False):
         raise UsageError(f"{model_dir} has no embed signature (exported by an older tagger): export it again")
 
     def serving(windows):
-        x = tf.constant(windows)
-        out = {"probabilities": serve(waveform=x)["probabilities"].numpy()}
-        if embed is not None:
-            out["embedding"] = embed(waveform=x)["embedding"].numpy()
-        return out
+        out = (embed or serve)(waveform=tf.constant(windows))
+        return {key: value.numpy() for key, value in out.items()}
     return config["tags"], window, serving
 
 

@@ -41,9 +41,9 @@ def build_parser(prog=PROG):
     p.add_argument("--restore-best", action="store_true", help="export the best val_auc epoch, not the last")
     p.add_argument("--stop-after", type=positive_int, metavar="EPOCH", help="stop once this epoch is done, "
                    "checkpointed: the same command without it (or with a later one) goes on from there")
-    p.add_argument("--init", metavar="NAME_OR_PATH", help="start from an export's weights (its architecture; the "
-                   "output layer rebuilt when the data's tags differ, shared tags kept); a tenth of the learning "
-                   "rate unless --lr or --freeze body")
+    p.add_argument("--init", metavar="NAME_OR_PATH", help="start from an export's weights (its architecture, in "
+                   "float32; the output layer rebuilt when the data's tags differ, shared tags kept); a constant "
+                   "learning rate, a tenth of the family's unless --lr or --freeze body")
     p.add_argument("--freeze", choices=FREEZE, help="with --init: body = train the output layer alone")
     p.add_argument("--shuffle-buffer", type=positive_int, help="records in the shuffle buffer (default 512)")
     p.add_argument("--runs-dir", default="runs")
@@ -65,6 +65,9 @@ def config_from_args(argv, prog=PROG):
         except UsageError as e:
             parser.error(str(e))
         arch = info.get("arch") or info.get("family")
+        if arch not in models.names():
+            parser.error(f"--init {args.init}: its config.json names no family of this tagger ({arch}): export "
+                         "it again with this tagger")
         if args.arch not in (None, arch):
             parser.error(f"--init {args.init} is a {arch} model: leave out --arch {args.arch}, or pass --arch {arch}")
         args.arch = arch
@@ -72,9 +75,12 @@ def config_from_args(argv, prog=PROG):
         shaped += [o.flag for name, (o, _) in models.all_options().items() if getattr(args, name) is not None]
         if shaped:
             parser.error(f"{', '.join(shaped)} with --init: the architecture is the export's, {folder}")
-        recorded = info.get("config", {})          # a trained export's settings; a converted one has none
+        # The model is the export's model.keras: its width and options (a trained export's config records
+        # them; a converted one has none), in float32 as every export is kept. One constant learning rate
+        # unless --schedule says otherwise (won2020's later phases have fixed rates made for a fresh start).
+        recorded = info.get("config", {})
         fixed = {"init": folder, "freeze": args.freeze or "", "width": recorded.get("width", 1.0),
-                 "precision": recorded.get("precision", "float32"),
+                 "precision": "float32", "schedule": args.schedule or "constant",
                  **{o.name: recorded[o.name] for o in models.get(arch).options if o.name in recorded}}
     args.arch = args.arch or models.DEFAULT
     family, given = config.check_family_flags(parser, args)

@@ -20,7 +20,7 @@ import json, sys, numpy as np, tensorflow as tf
 m = tf.saved_model.load(sys.argv[1])
 clips, track, windows = np.load(sys.argv[2]), np.load(sys.argv[3]), np.load(sys.argv[5])
 out = {"serve": m.signatures["serving_default"](waveform=tf.constant(clips))["probabilities"].numpy().tolist(),
-       "embed": m.signatures["embed"](waveform=tf.constant(windows))["embedding"].numpy().tolist(),
+       "embed": {k: v.numpy().tolist() for k, v in m.signatures["embed"](waveform=tf.constant(windows)).items()},
        "track": {k: v.numpy().tolist() for k, v in m.signatures["tag_track"](
            waveform=tf.constant(track), hop_seconds=tf.constant(0.0)).items()},
        "modules": sorted(k for k in sys.modules if k.split(".")[0] in ("tagger", "tensorflow_io"))}
@@ -79,7 +79,8 @@ def test_every_family_trains_a_step_exports_and_serves_in_a_tensorflow_only_proc
     embedder = embedding_model(model, family.embedding, family.layout)
     features = embedder(family.layout.window_input(tf.constant(windows), model.input_shape), training=False).numpy()
     assert features.shape[0] == len(starts) and features.ndim == 2 and features.std() > 0
-    np.testing.assert_allclose(got["embed"], features, atol=2e-5 * max(1.0, np.abs(features).max()))
+    np.testing.assert_allclose(got["embed"]["embedding"], features, atol=2e-5 * max(1.0, np.abs(features).max()))
+    np.testing.assert_allclose(got["embed"]["probabilities"], per_window, atol=2e-5)
 
     import wave
     with wave.open(str(tmp_path / "track.wav"), "wb") as f:

@@ -96,6 +96,7 @@ def test_a_corrupt_file_among_good_ones(crnn_run, music, tmp_path):
     (["/no/such/file.wav"], "does not exist"),
     (["--top-k", "-1", "x.wav"], "-1 must be 0 or more"),
     (["--format", "xml", "x.wav"], "invalid choice"),
+    (["--plot", __file__, "x.wav"], "is a file: name a folder"),
 ])
 def test_usage_errors(args, message, crnn_run, tmp_path):
     model_args = [] if "--model" in args else ["--model", str(crnn_run[0] / "models" / "crnn")]
@@ -161,3 +162,31 @@ def test_decoding_ahead_keeps_order_and_hands_over_its_errors():
             got.append(item)
             assert len(produced) - len(got) <= 3        # 2 queued, 1 waiting to be
     assert got == [0, 1, 2, 3, 4]
+
+
+def test_a_file_that_fails_midway_loses_its_windows_and_no_other(tmp_path):
+    """A WAV whose data stops at half of what its header says fails after some of its windows were
+    decoded and batched with other files' (the decoder runs ahead in a thread): its windows are dropped,
+    the files before and after it keep every window, each row the window it came from."""
+    from tagger.predict import tag_files
+    _wav(tmp_path / "before.wav", 7.0, seed=1)
+    _wav(tmp_path / "broken.wav", 100.0, seed=2)           # decoded in blocks of 30 s
+    _wav(tmp_path / "after.wav", 5.0, seed=3)
+    data = (tmp_path / "broken.wav").read_bytes()
+    (tmp_path / "broken.wav").write_bytes(data[:44 + (len(data) - 44) // 2])        # the header still says 100 s
+    window = {"samples": 16000, "hop": 16000, "lead": 0, "end_aligned": True}
+    calls, errors = [], []
+
+    def serving(windows):                    # each window's first samples stand for its probabilities
+        calls.append(len(windows))
+        return {"probabilities": windows[:, :3]}
+    paths = [str(tmp_path / n) for n in ("before.wav", "broken.wav", "after.wav")]
+    results = tag_files(paths, serving, window, 16000, 3, lambda path, why: errors.append((path, why)))
+    assert [r["path"] for r in results] == [paths[0], paths[2]]
+    assert len(errors) == 1 and errors[0][0] == paths[1], errors
+    assert sum(calls) > 7 + 5 + 20           # most of the broken file's first 30 s went through the model
+    for r in results:
+        audio = np.frombuffer(open(r["path"], "rb").read()[44:], "<i2").astype(np.float32) / 32768
+        assert len(r["window_probabilities"]) == len(r["starts"]) == int(r["duration"])
+        np.testing.assert_array_equal(r["window_probabilities"], [audio[s * 16000:s * 16000 + 3] for s in range(
+            len(r["starts"]))])

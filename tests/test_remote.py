@@ -41,7 +41,7 @@ def test_train_evaluate_and_export_on_a_remote_filesystem(tiny_records, ram, cap
             assert tf.io.gfile.exists(f"{folder}/{name}"), f"{folder}/{name}"
     assert tf.io.gfile.glob(f"{ram}/runs/r/train/events.out.tfevents.*")
     export = tf.saved_model.load(f"{ram}/models/r")
-    assert set(export.signatures) == {"serving_default", "tag_track", "tag_windows", "tag_names"}
+    assert set(export.signatures) == {"serving_default", "tag_track", "tag_windows", "tag_names", "embed"}
     metrics = json.loads(tf.io.gfile.GFile(f"{ram}/models/r/metrics.json").read())
 
     assert evaluate.main(["--model", f"{ram}/models/r"]) == 0

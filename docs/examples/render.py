@@ -1,5 +1,5 @@
 """Render the README's example recordings: four instruments from a General MIDI sound font (recorded
-samples) with fluidsynth, and speech with espeak-ng, as 16 kHz WAV files.
+samples) with fluidsynth as 16 kHz WAV files, and speech with espeak-ng (its own 22.05 kHz).
 
     sudo apt-get install fluidsynth fluid-soundfont-gm espeak-ng
     python docs/examples/render.py OUT_DIR

@@ -44,9 +44,10 @@ def patch_model(network, layout, name):
     return keras.Model(patches, MeanOverChunks(name="probabilities", dtype="float32")([probs, patches]), name=name)
 
 
-def embedding_model(model, layer_name, layout):
+def embedding_model(model, layer_name, layout, with_probabilities=False):
     """A model from `model`'s input to the output of its layer `layer_name` (also inside a nested
-    network), pooled over a clip's pieces as the probabilities are: one vector per model input."""
+    network), pooled over a clip's pieces as the probabilities are: one vector per model input; with
+    `with_probabilities`, [that, the model's probabilities] from one pass."""
     names = [layer.name for layer in model.layers]
     if layer_name in names:
         features = model.get_layer(layer_name).output
@@ -55,4 +56,6 @@ def embedding_model(model, layer_name, layout):
                        and layer_name in [inner.name for inner in layer.layers])
         inner = keras.Model(network.input, network.get_layer(layer_name).output)
         features = inner(network._inbound_nodes[0].input_tensors[0])      # what feeds the network in `model`
-    return keras.Model(model.input, layout.pool_pieces(features, model.input), name=f"{model.name}_embedding")
+    pooled = layout.pool_pieces(features, model.input)
+    return keras.Model(model.input, [pooled, model.output] if with_probabilities else pooled,
+                       name=f"{model.name}_embedding")
