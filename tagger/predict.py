@@ -316,7 +316,10 @@ def load_tagger(model_dir, embeddings=False):
         raise UsageError(f"{model_dir} has no embed signature (exported by an older tagger): export it again")
 
     def serving(windows):
-        out = (embed or serve)(waveform=tf.constant(windows))
+        x = tf.constant(windows)
+        out = dict((embed or serve)(waveform=x))
+        if "probabilities" not in out:          # an export whose embed gives the embedding alone
+            out.update(serve(waveform=x))
         return {key: value.numpy() for key, value in out.items()}
     return config["tags"], window, serving
 
@@ -340,11 +343,11 @@ def run(args):
     write_output(results, tags, args)
     if args.embeddings and results:
         write_embeddings(results, args.embeddings)
-        print(f"Wrote embeddings of {len(results)} files to {args.embeddings}/ (NAME.windows.npy, NAME.mean.npy)",
-              file=sys.stderr)
+        print(f"Wrote the embeddings of {len(results)} file(s) to {os.path.normpath(args.embeddings)}/ "
+              "(NAME.windows.npy, NAME.mean.npy, index.csv)", file=sys.stderr)
     if args.plot and results:
         plot_taggrams(results, tags, args.plot, args.top_k)
-        print(f"Wrote taggrams of {len(results)} files to {args.plot}/", file=sys.stderr)
+        print(f"Wrote the taggrams of {len(results)} file(s) to {os.path.normpath(args.plot)}/", file=sys.stderr)
     if failures:
         print(f"{len(failures)} of {len(audio_files)} files could not be tagged", file=sys.stderr)
         return EXIT_FAILED
