@@ -33,6 +33,7 @@ import time
 from tagger import models
 from tagger.cli import EXIT_OK, ArgumentParser, UsageError, main_guard, positive_int, quiet_tensorflow
 from tagger.config import PRECISIONS, arch_list
+from tagger.convert import WHEEL as MUSICNN_WHEEL
 
 PROG = "python -m tagger.bench"
 CLIP_SAMPLES = 466_000
@@ -45,7 +46,6 @@ SIZES = {"pipeline_clips": (96, 40), "pipeline_seconds": (4.0, 1.5), "frontend_s
          "librosa_clips": (16, 2), "train_seconds": (10.0, 3.0), "train_steps": (3, 2), "warmup_seconds": (1.0, 0.5),
          "predict_steps": (3, 1), "tracks": (4, 2)}
 TRACK_SECONDS = 180
-MUSICNN_WHEEL = os.environ.get("TAGGER_MUSICNN_WHEEL", os.path.join(ROOT, "wheels", "musicnn-0.1.0-py3-none-any.whl"))
 STAGES = ("pipeline", "frontend", "librosa", *(f"{name}_train" for name in models.names()), "predict", "matmul",
           "musicnn_predict", "musicnn_reference")
 

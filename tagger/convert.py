@@ -12,6 +12,7 @@ signatures, `tags.json` in musicnn's label order, and a `config.json` recording 
 authors' reported test figures and the licenses. An export already there is left alone unless --force.
 """
 import ast
+import contextlib
 import hashlib
 import json
 import os
@@ -21,11 +22,16 @@ import tempfile
 import zipfile
 import zlib
 
+from tagger import files
 from tagger.cli import EXIT_OK, ArgumentParser, UsageError, main_guard, quiet_tensorflow
 
 PROG = "python -m tagger.convert"
 MODELS = {"MTT_musicnn": "musicnn-mtt", "MTT_vgg": "vgg-mtt", "MSD_musicnn": "musicnn-msd", "MSD_vgg": "vgg-msd"}
 CHECKPOINT_FILES = (".index", ".data-00000-of-00001")
+# Where the test command puts the wheel (pip download --no-deps musicnn==0.1.0 -d wheels): the tests' and
+# the benchmark's default.
+WHEEL = os.environ.get("TAGGER_MUSICNN_WHEEL", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))), "wheels", "musicnn-0.1.0-py3-none-any.whl"))
 LICENSES = {"code": "ISC (musicnn, Music Technology Group, Universitat Pompeu Fabra)",
             "MTT": "MagnaTagATune: CC BY-NC-SA 3.0", "MSD": "Million Song Dataset tags from Last.fm"}
 DATASETS = {"MTT": "MagnaTagATune (50 tags)", "MSD": "Million Song Dataset (50 Last.fm tags)"}
@@ -142,10 +148,21 @@ def graph_pools(meta):
                  for k in sorted(pools, key=order))
 
 
+@contextlib.contextmanager
+def checkpoint_reader(wheel_path, folder):
+    """A TensorFlow checkpoint reader of the wheel's checkpoint `folder` (e.g. musicnn/MTT_musicnn),
+    its files extracted to a temporary folder for the reader's life. The folder's own `checkpoint` file
+    points into the authors' home, so the files are read by prefix."""
+    import tensorflow as tf
+    with zipfile.ZipFile(wheel_path) as wheel, tempfile.TemporaryDirectory(prefix="tagger-musicnn-") as tmp:
+        for name in CHECKPOINT_FILES:
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(wheel.read(f"{folder}/{name}"))
+        yield tf.compat.v1.train.NewCheckpointReader(tmp + "/")
+
+
 def convert(wheel_path, info, model_name, out_dir):
     """Write one export; returns its folder."""
-    import tensorflow as tf
-
     from tagger import export, models
     from tagger.models.layers import patch_model
     from tagger.models.musicnn import build_musicnn_network
@@ -160,17 +177,12 @@ def convert(wheel_path, info, model_name, out_dir):
     family = models.get(kind)
     with zipfile.ZipFile(wheel_path) as wheel:
         meta = wheel.read(f"{folder}/.meta")
+        reported = reported_figures(wheel.read(f"{folder}/experiment.result").decode())
     # The pooling of the graph the weights were trained in (musicnn's code differs from it for MSD_vgg).
     network = (build_vgg_network(len(tags), pools=graph_pools(meta)) if kind == "vgg"
                else build_musicnn_network(len(tags)))
-    with zipfile.ZipFile(wheel_path) as wheel, tempfile.TemporaryDirectory(prefix="tagger-musicnn-") as tmp:
-        for name in CHECKPOINT_FILES:
-            with open(os.path.join(tmp, name), "wb") as f:
-                f.write(wheel.read(f"{folder}/{name}"))
-        # The folder's own `checkpoint` file points into the authors' home: read the files by prefix.
-        reader = tf.compat.v1.train.NewCheckpointReader(tmp + "/")
+    with checkpoint_reader(wheel_path, folder) as reader:
         used = assign_checkpoint(kind, network, reader)
-        reported = reported_figures(wheel.read(f"{folder}/experiment.result").decode())
     model = patch_model(network, family.layout, kind)
     clip = family.layout.shortest_clip()
     with open(wheel_path, "rb") as f:
@@ -192,7 +204,7 @@ def run(args):
     quiet_tensorflow()
     written, kept = [], []
     for model_name, out in todo:
-        if os.path.isfile(f"{out}/saved_model.pb") and not args.force:
+        if files.is_export(out) and not args.force:
             kept.append(out)
             print(f"{out}: already there (--force replaces it)", file=sys.stderr)
             continue

@@ -235,8 +235,6 @@ def plot_taggrams(results, tags, folder, top_k):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-
-    from tagger import files as fileio
     os.makedirs(folder, exist_ok=True)
     written = []
     for r, name in zip(results, output_names(results)):
@@ -260,7 +258,7 @@ def plot_taggrams(results, tags, folder, top_k):
         fig.colorbar(image, ax=ax, fraction=0.03, label="probability")
         fig.tight_layout()
         path = os.path.join(folder, name + ".png")
-        fileio.write_bytes(path, fileio.figure_png(fig))
+        files.write_bytes(path, files.figure_png(fig))
         written.append(path)
     return written
 

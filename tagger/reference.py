@@ -6,7 +6,6 @@ with the checkpoint's values; `musicnn_tags` is musicnn 0.1.0's extractor on one
 16 kHz, its mel spectrogram rounded to float16, log10(10000 x + 1), non-overlapping 187-frame patches
 (the partial last dropped), the graph, the mean over patches. librosa is a test requirement.
 """
-import tempfile
 import zipfile
 
 PATCH_FRAMES = 187
@@ -21,19 +20,18 @@ class AuthorsGraph:
     def __init__(self, wheel, model_name):
         import tensorflow as tf
         from tensorflow.core.protobuf import meta_graph_pb2
+
+        from tagger.convert import checkpoint_reader
         folder = f"musicnn/{model_name}"
-        with zipfile.ZipFile(wheel) as z, tempfile.TemporaryDirectory(prefix="tagger-musicnn-") as tmp:
+        with zipfile.ZipFile(wheel) as z:
             meta = meta_graph_pb2.MetaGraphDef.FromString(z.read(f"{folder}/.meta"))
-            for name in (".index", ".data-00000-of-00001"):
-                with open(f"{tmp}/{name}", "wb") as f:
-                    f.write(z.read(f"{folder}/{name}"))
-            reader = tf.compat.v1.train.NewCheckpointReader(tmp + "/")
+        for node in meta.graph_def.node:
+            if "_output_shapes" in node.attr:
+                del node.attr["_output_shapes"]
+        graph_def = tf.compat.v1.graph_util.extract_sub_graph(meta.graph_def, ["model/Sigmoid"])
+        self.variables = [n.name for n in graph_def.node if n.op == "VariableV2"]
+        with checkpoint_reader(wheel, folder) as reader:
             self.shapes = reader.get_variable_to_shape_map()
-            for node in meta.graph_def.node:
-                if "_output_shapes" in node.attr:
-                    del node.attr["_output_shapes"]
-            graph_def = tf.compat.v1.graph_util.extract_sub_graph(meta.graph_def, ["model/Sigmoid"])
-            self.variables = [n.name for n in graph_def.node if n.op == "VariableV2"]
             values = {name: reader.get_tensor(name) for name in self.variables}
         self.graph = tf.Graph()
         with self.graph.as_default():

@@ -6,12 +6,12 @@ import sys
 import pytest
 
 import tagger  # noqa: F401  (first, as in our commands: its TensorFlow settings apply to the whole suite)
+from tagger.convert import WHEEL as MUSICNN_WHEEL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_ANNOTATIONS = os.path.join(ROOT, "..", "shared", "mtat", "annotations_final.csv.gz")
 TINY_SECONDS = 4.0  # long enough for the CNN at 256/256 and the CRNN's poolings
 TINY_SAMPLES = int(TINY_SECONDS * 16000)
-MUSICNN_WHEEL = os.environ.get("TAGGER_MUSICNN_WHEEL", os.path.join(ROOT, "wheels", "musicnn-0.1.0-py3-none-any.whl"))
 TINY_PARTS = {**{p: 3 for p in "0123456789ab"}, "c": 6, **{p: 3 for p in "def"}}
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

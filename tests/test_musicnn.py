@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
+from tagger.convert import MODELS
 from tagger.reference import AuthorsGraph, musicnn_patches, musicnn_tags
 
-MODELS = {"MTT_musicnn": "musicnn-mtt", "MTT_vgg": "vgg-mtt", "MSD_musicnn": "musicnn-msd", "MSD_vgg": "vgg-msd"}
 
 
 def _patches():

@@ -50,12 +50,15 @@ def embedding_model(model, layer_name, layout, with_probabilities=False):
     `with_probabilities`, [that, the model's probabilities] from one pass."""
     names = [layer.name for layer in model.layers]
     if layer_name in names:
-        features = model.get_layer(layer_name).output
+        features, probabilities = model.get_layer(layer_name).output, model.output
     else:
+        # A nested network is patch_model's, its output pooled by the model's last layer: one pass of
+        # the network gives both its layer's output and the probabilities (pooled by that same layer).
         network = next(layer for layer in model.layers if isinstance(layer, keras.Model)
                        and layer_name in [inner.name for inner in layer.layers])
-        inner = keras.Model(network.input, network.get_layer(layer_name).output)
-        features = inner(network._inbound_nodes[0].input_tensors[0])      # what feeds the network in `model`
+        inner = keras.Model(network.input, [network.get_layer(layer_name).output, network.output])
+        features, pieces = inner(network._inbound_nodes[0].input_tensors[0])  # what feeds it in `model`
+        probabilities = model.layers[-1]([pieces, model.input])
     pooled = layout.pool_pieces(features, model.input)
-    return keras.Model(model.input, [pooled, model.output] if with_probabilities else pooled,
+    return keras.Model(model.input, [pooled, probabilities] if with_probabilities else pooled,
                        name=f"{model.name}_embedding")
