@@ -95,7 +95,7 @@ class Stream:
 
 
 class _decoder_errors:
-    """Turns tensorflow-io's errors into AudioError("not decodable audio (reason)")."""
+    """Turns tensorflow-io's errors about the file into AudioError("not decodable audio (reason)")."""
 
     def __init__(self, path):
         self.path = path
@@ -105,7 +105,11 @@ class _decoder_errors:
 
     def __exit__(self, kind, error, tb):
         import tensorflow as tf
-        if kind is not None and issubclass(kind, (tf.errors.OpError, ValueError, RuntimeError)):
+        # What tensorflow-io raises for a file it cannot read: unknown or unsupported format, corrupt
+        # data, a file that ends early. Other errors (memory, a bug) are not about the file: they go up.
+        unreadable = (tf.errors.InvalidArgumentError, tf.errors.OutOfRangeError, tf.errors.DataLossError,
+                      tf.errors.UnimplementedError, tf.errors.NotFoundError)
+        if kind is not None and issubclass(kind, unreadable):
             text = re.sub(r"\{\{function_node [^}]*\}\}|\[Op:[^\]]*\]", "", getattr(error, "message", str(error)))
             text = text.replace(self.path, "").strip()
             reason = text.splitlines()[-1].strip(" :") if text else kind.__name__
@@ -138,18 +142,31 @@ def to_int16(x):
     return np.clip(np.round(np.asarray(x, np.float64) * 32768.0), -32768, 32767).astype(np.int16)
 
 
-def load_clip(path, clip_samples, min_samples, sample_rate=SAMPLE_RATE):
+def load_clip(path, clip_samples, min_samples, offset=0.0, sample_rate=SAMPLE_RATE):
     """Decode one dataset clip to exactly `clip_samples` int16 samples, trimming or zero-padding.
 
-    Returns (pcm, info) with info["padded"] the number of zeros added. Raises AudioError when the
-    file is unusable or shorter than `min_samples`.
+    The clip starts `offset` seconds into the file, or earlier where the file ends before a whole clip
+    from there (so it ends with the file); offset "middle" centres it. Only the blocks up to the
+    clip's end are decoded. Returns (pcm, info) with info["padded"] the number of zeros added. Raises
+    AudioError when the file is unusable or shorter than `min_samples`.
     """
-    x, info = decode(path, sample_rate)
+    stream = Stream(path, sample_rate)
+    if offset == "middle":
+        start = max(0, (len(stream) - clip_samples) // 2)
+    else:
+        start = min(int(round(offset * sample_rate)), max(0, len(stream) - clip_samples))
+    blocks, have = [], 0
+    for block in stream:
+        blocks.append(block)
+        have += len(block)
+        if have >= start + clip_samples:
+            break
+    x = np.concatenate(blocks)[start:start + clip_samples]
     if len(x) < min_samples:
         raise AudioError(f"too short: {len(x) / sample_rate:.2f} s, at least {min_samples / sample_rate:.2f} s "
                          "needed (--min-seconds)")
-    pcm = to_int16(x[:clip_samples])
+    pcm = to_int16(x)
     padded = clip_samples - len(pcm)
     if padded > 0:
         pcm = np.concatenate([pcm, np.zeros(padded, np.int16)])
-    return pcm, {**info, "padded": max(padded, 0)}
+    return pcm, {**stream.info, "padded": max(padded, 0)}

@@ -1,6 +1,6 @@
 """Benchmark: clips per second of each stage, on random data of MagnaTagATune's real shapes.
 
-    python -m tagger.bench [--json PATH] [--quick] [--peer PYTHON] [--rounds N] [--precision P] [--archs a,b]
+    python -m tagger.bench [--json PATH] [--quick] [--peer PYTHON [--peer-script PATH]] [--rounds N] [--archs a,b]
 
 Clips of 29.125 s (466,000 samples at 16 kHz) and 50 tags, through the project's own code: TFRecord
 shards written as tagger.prepare writes them and read by tagger.data's training pipeline, in each
@@ -9,8 +9,8 @@ family's model (or those of --archs) with its study preset, compiled as tagger.t
 stepped by model.fit (from tensors in memory, so the step alone is timed; a short-chunk family's
 examples are chunks); the default family's exported SavedModel's serving_default. Each stage runs in
 its own process after a warm-up, so its peak resident memory is its own. The stages but predict and
-matmul run in --rounds rounds; with --peer, ../shared/bench/peer_torch.py (the families in PyTorch)
-runs under that interpreter after ours in each round. Speeds are medians over the rounds, ratios
+matmul run in --rounds rounds; with --peer, the peer script (--peer-script: the same families written in
+PyTorch, timed the same way) runs under that interpreter after ours in each round. Speeds are medians over the rounds, ratios
 medians of each round's ratio. With musicnn's wheel (wheels/, or $TAGGER_MUSICNN_WHEEL), soundfile
 and librosa, two more stages per round tag the same 3-minute mp3s with musicnn-mtt, in files per
 second: tagger.predict's path and musicnn's own (tagger.reference). --precision mixed_bfloat16 or
@@ -31,7 +31,7 @@ import tempfile
 import time
 
 from tagger import models
-from tagger.cli import EXIT_OK, ArgumentParser, UsageError, main_guard, positive_int, quiet_tensorflow
+from tagger.cli import EXIT_OK, ArgumentParser, UsageError, main_guard, plural, positive_int, quiet_tensorflow
 from tagger.config import PRECISIONS, arch_list
 from tagger.convert import WHEEL as MUSICNN_WHEEL
 
@@ -39,7 +39,8 @@ PROG = "python -m tagger.bench"
 CLIP_SAMPLES = 466_000
 NUM_TAGS = 50
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEER = os.path.join(ROOT, "..", "shared", "bench", "peer_torch.py")
+# The PyTorch peer beside a clone of the project, where there is one.
+PEER = os.path.normpath(os.path.join(ROOT, "..", "shared", "bench", "peer_torch.py"))
 # (full, quick) sizes of each stage: timed steps after the warm-up; training runs steps for at least
 # train_seconds (and train_steps) after warm-up steps of at least warmup_seconds.
 SIZES = {"pipeline_clips": (96, 40), "pipeline_seconds": (4.0, 1.5), "frontend_steps": (16, 2),
@@ -54,18 +55,22 @@ def parse_args(argv):
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--quick", action="store_true", help="fewer steps (about 3 minutes on 2 cores)")
-    p.add_argument("--peer", metavar="PYTHON", help="an interpreter with torch 2.13 for ../shared/bench/peer_torch.py")
+    p.add_argument("--peer", metavar="PYTHON", help="an interpreter with torch 2.13 to run the peer script under")
+    p.add_argument("--peer-script", metavar="PATH", default=PEER if os.path.isfile(PEER) else None,
+                   help="the PyTorch peer: the families in PyTorch, printing '<family> train clips/s N' lines "
+                   f"(default: {PEER} where it exists)")
     p.add_argument("--rounds", type=positive_int, help="rounds of the stages (all but predict and matmul), each "
                    "followed by the peer's; default 2, 1 with --quick")
-    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1, help="threads for the peer")
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1, help="threads for the peer "
+                   "(default: the machine's cores)")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="float32",
                    help="tagger.train's --precision for the training stages (default: float32)")
     p.add_argument("--archs", type=arch_list, default=models.names(),
                    help=f"the families whose training is timed (default: all, {','.join(models.names())})")
     p.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)   # one stage, run by the driver
     args = p.parse_args(argv)
-    if args.peer and not os.path.isfile(PEER):
-        p.error(f"--peer needs {os.path.normpath(PEER)}, which is missing")
+    if args.peer and not (args.peer_script and os.path.isfile(args.peer_script)):
+        p.error(f"--peer needs the peer script: {args.peer_script or PEER} is missing (pass --peer-script PATH)")
     if args.peer and not os.access(args.peer, os.X_OK):
         p.error(f"--peer {args.peer} is not an executable Python interpreter")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
@@ -78,7 +83,9 @@ def _size(name, quick):
 
 
 def peak_rss_mb():
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    """This process's peak resident memory in MB (ru_maxrss counts KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,14 +350,14 @@ def _subprocess(cmd, label, cwd=None):
 def our_stage(name, quick, precision, archs):
     cmd = [sys.executable, "-m", "tagger.bench", "--stage", name, "--precision", precision, "--archs", ",".join(archs)]
     cmd += ["--quick"] if quick else []
-    out = _subprocess(cmd, name, cwd=ROOT)
+    out = _subprocess(cmd, name)
     line = [ln for ln in out.splitlines() if ln.startswith("BENCH ")][-1]
     return json.loads(line[len("BENCH "):])
 
 
-def peer_run(python, threads):
+def peer_run(python, script, threads):
     """{family name: train clips/s, "version": torch version} from the peer's output (`zoo`: all its models)."""
-    out = _subprocess([python, PEER, str(threads), "zoo"], "peer (PyTorch)")
+    out = _subprocess([python, script, str(threads), "zoo"], "peer (PyTorch)")
     values = {name: float(rate) for name, rate in re.findall(r"^(\w+)\s+train clips/s ([0-9.]+)", out, re.M)}
     version = re.search(r"torch (\S+)", out)
     return {**values, "version": version.group(1) if version else None}
@@ -398,7 +405,7 @@ def run(args):
         return run_stage(args.stage, args.quick, args.precision, args.archs)
     quick = args.quick
     rounds = args.rounds or (1 if quick else 2)
-    print(f"Benchmark ({'quick' if quick else 'full'}, {rounds} round(s)"
+    print(f"Benchmark ({'quick' if quick else 'full'}, {plural(rounds, 'round')}"
           + (f" alternating with {args.peer}" if args.peer else "") + "):", file=sys.stderr)
     once = {}
     for name in ("predict", "matmul"):
@@ -413,7 +420,7 @@ def run(args):
             for name in runs:
                 runs[name].append(our_stage(name, quick, args.precision, args.archs))
             if args.peer:
-                peer_runs.append(peer_run(args.peer, args.threads))
+                peer_runs.append(peer_run(args.peer, args.peer_script, args.threads))
     results = summarize(once, runs, peer_runs)
     if why_not:
         results["musicnn_note"] = why_not

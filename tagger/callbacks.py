@@ -6,6 +6,7 @@ import time
 import keras
 import tensorflow as tf
 
+from tagger.cli import plural
 from tagger.files import atomic_write_text, load_via_local, save_via_local
 
 STATE = "state.json"
@@ -105,3 +106,34 @@ class NanGuard(keras.callbacks.Callback):
             self.where = (self.epoch + 1, batch + 1)
             self.checkpoint.skip = True
             self.model.stop_training = True
+
+
+class EpochEstimate(keras.callbacks.Callback):
+    """Once, early in the first epoch of a session: the time an epoch will take, measured over the
+    steps after the first (which builds the graph), when it will be long (a CPU on MTAT: hours)."""
+
+    def __init__(self, steps_per_epoch, epochs_left, long_seconds=120.0, measure_steps=5, say=print):
+        super().__init__()
+        self.steps, self.epochs_left, self.long = steps_per_epoch, epochs_left, long_seconds
+        self.measure, self.say = measure_steps, say
+        self.start = None
+        self.done = steps_per_epoch <= 1 + measure_steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.done:
+            return
+        if batch == 0:
+            self.start = time.time()
+        elif batch >= self.measure:
+            self.done = True
+            epoch = (time.time() - self.start) / batch * self.steps
+            if epoch >= self.long:
+                self.say(f"Estimated {_duration(epoch)} an epoch on this machine, about "
+                         f"{_duration(epoch * self.epochs_left)} for the {plural(self.epochs_left, 'epoch')} to go "
+                         "(a GPU takes a fraction of that: README, GPU)")
+
+
+def _duration(seconds):
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"

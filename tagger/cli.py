@@ -8,6 +8,30 @@ import sys
 import time
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+MODELS_DIR_ENV = "TAGGER_MODELS_DIR"
+
+
+def models_dir_default():
+    """Where exports are written and model names are looked up: $TAGGER_MODELS_DIR, else saved_models/
+    of the current folder. Every command that reads or writes exports takes it as --models-dir."""
+    return os.environ.get(MODELS_DIR_ENV) or "saved_models"
+
+
+def add_models_dir_flag(parser):
+    parser.add_argument("--models-dir", default=models_dir_default(), metavar="DIR",
+                        help=f"the models folder: exports are written there and model names looked up there "
+                        f"(default: ${MODELS_DIR_ENV}, else saved_models; now {models_dir_default()})")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each flag's default where its help line does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.default is argparse.SUPPRESS or isinstance(
+                action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction)):
+            return text
+        return text + f" (default: {'none' if action.default is None else action.default})"
 
 
 class UsageError(Exception):
@@ -20,6 +44,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message):
@@ -70,6 +95,11 @@ def _is_float(text):
         return False
 
 
+def plural(n, word, words=None):
+    """'1 file', '3 files'."""
+    return f"{n:,} {word if n == 1 else words or word + 's'}"
+
+
 def main_guard(prog, run, args):
     """Run `run(args)`; a UsageError or Ctrl-C ends in one line on stderr, not a traceback."""
     try:
@@ -88,7 +118,10 @@ def quiet_tensorflow():
 
 
 class Progress:
-    """A one-line progress bar on stderr: count, rate and time left; plain lines when not a terminal."""
+    """A one-line progress bar on stderr: count, rate and time left (once a few items are done: the first
+    ones carry start-up costs); plain lines when not a terminal."""
+
+    ESTIMATE_AFTER = 3
 
     def __init__(self, total, label, stream=sys.stderr, every=2.0):
         self.total, self.label, self.stream = total, label, stream
@@ -103,11 +136,15 @@ class Progress:
         if now - self.last >= self.every or self.done >= self.total:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
-            left = (self.total - self.done) / rate if rate > 0 else 0
+            if self.done >= self.total:
+                pace = f"{rate:.1f}/s, done in {now - self.start:.0f} s"
+            elif self.done >= min(self.ESTIMATE_AFTER, self.total):
+                pace = f"{rate:.1f}/s, {(self.total - self.done) / rate:.0f} s left"
+            else:
+                pace = "estimating time left"
             width = 24
             filled = int(width * self.done / max(self.total, 1))
-            line = (f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                    f"{rate:.1f}/s, {left:.0f} s left {note}")
+            line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {pace} {note}"
             self.stream.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
             self.stream.flush()
 

@@ -101,16 +101,18 @@ def add_family_flags(parser, default=models.DEFAULT):
 
 
 def add_training_flags(parser):
-    parser.add_argument("--epochs", type=positive_int)
-    parser.add_argument("--batch-size", type=positive_int)
-    parser.add_argument("--optimizer", choices=("sgd", "adam"))
-    parser.add_argument("--lr", type=positive_float, help="learning rate")
-    parser.add_argument("--momentum", type=float, help="SGD momentum, in [0, 1)")
+    """The training settings; each defaults to the family's preset (its demo preset without --data)."""
+    preset = " (default: the family's preset; its demo preset without --data)"
+    parser.add_argument("--epochs", type=positive_int, help="epochs to train" + preset)
+    parser.add_argument("--batch-size", type=positive_int, help="clips per step" + preset)
+    parser.add_argument("--optimizer", choices=("sgd", "adam"), help="the optimizer" + preset)
+    parser.add_argument("--lr", type=positive_float, help="learning rate" + preset)
+    parser.add_argument("--momentum", type=float, help="SGD momentum, in [0, 1)" + preset)
     parser.add_argument("--schedule", help="constant, or won2020 (Won et al. 2020: Adam, then SGD with drops; "
-                        "won2020:A,B,C switches after epochs A, B, C)")
+                        "won2020:A,B,C switches after epochs A, B, C)" + preset)
     parser.add_argument("--weight-decay", type=float, help="coupled L2 weight decay, added to the gradients as "
                         "PyTorch does (default: the family's preset, 0 for the study's)")
-    parser.add_argument("--width", type=positive_float, help="multiply channel counts (tests, quick checks)")
+    parser.add_argument("--width", type=positive_float, help="multiply channel counts (tests, quick checks)" + preset)
     parser.add_argument("--precision", choices=tuple(PRECISIONS), help="mixed_bfloat16 / mixed_float16: 16-bit "
                         "convolutions and dense layers with float32 weights, for GPUs (and CPUs with AVX-512 BF16 "
                         "or AMX); front ends, recurrent and output layers stay float32, and the test evaluation and "

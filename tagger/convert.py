@@ -23,15 +23,14 @@ import zipfile
 import zlib
 
 from tagger import files
-from tagger.cli import EXIT_OK, ArgumentParser, UsageError, main_guard, quiet_tensorflow
+from tagger.cli import EXIT_OK, ArgumentParser, UsageError, add_models_dir_flag, main_guard, quiet_tensorflow
 
 PROG = "python -m tagger.convert"
 MODELS = {"MTT_musicnn": "musicnn-mtt", "MTT_vgg": "vgg-mtt", "MSD_musicnn": "musicnn-msd", "MSD_vgg": "vgg-msd"}
 CHECKPOINT_FILES = (".index", ".data-00000-of-00001")
-# Where the test command puts the wheel (pip download --no-deps musicnn==0.1.0 -d wheels): the tests' and
-# the benchmark's default.
-WHEEL = os.environ.get("TAGGER_MUSICNN_WHEEL", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__))), "wheels", "musicnn-0.1.0-py3-none-any.whl"))
+# Where the README's and the test command's `pip download --no-deps musicnn==0.1.0 -d wheels` put the wheel,
+# in the current folder: the benchmark's default.
+WHEEL = os.environ.get("TAGGER_MUSICNN_WHEEL") or os.path.join("wheels", "musicnn-0.1.0-py3-none-any.whl")
 LICENSES = {"code": "ISC (musicnn, Music Technology Group, Universitat Pompeu Fabra)",
             "MTT": "MagnaTagATune: CC BY-NC-SA 3.0", "MSD": "Million Song Dataset tags from Last.fm"}
 DATASETS = {"MTT": "MagnaTagATune (50 tags)", "MSD": "Million Song Dataset (50 Last.fm tags)"}
@@ -43,7 +42,7 @@ def parse_args(argv):
     p.add_argument("wheel", help="musicnn's wheel, musicnn-0.1.0-py3-none-any.whl (pip download --no-deps "
                    "musicnn==0.1.0 -d DIR)")
     p.add_argument("--models", default=",".join(MODELS), help=f"which (default: {','.join(MODELS)})")
-    p.add_argument("--models-dir", default="saved_models", help="where the exports go (default: saved_models)")
+    add_models_dir_flag(p)
     p.add_argument("--force", action="store_true", help="replace exports that are already there")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -25,11 +25,6 @@ def load_manifest(data_dir):
         return json.load(f)
 
 
-def read_tags(data_dir):
-    with tf.io.gfile.GFile(f"{data_dir.rstrip('/')}/tags.json") as f:
-        return json.load(f)
-
-
 def shard_paths(data_dir, manifest, split):
     return [f"{data_dir.rstrip('/')}/{name}" for name in manifest["splits"][split]["shards"]]
 

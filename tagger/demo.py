@@ -165,11 +165,12 @@ def make_clip(root, seed, clip_id, rel, clip_samples=CLIP_SAMPLES):
     return sorted(tags)
 
 
-def write_demo(root, seed=0, workers=1, clips_per_part=None, clip_samples=CLIP_SAMPLES):
+def write_demo(root, seed=0, workers=1, clips_per_part=None, clip_samples=CLIP_SAMPLES, progress=None):
     """Write the demo release under `root`: <part>/demo-NNNNN.wav, then annotations_final.csv last,
     so a folder with annotations is complete. Deterministic for a seed, whatever `workers`.
-    Returns the annotations path.
+    `progress()` is called once per clip written. Returns the annotations path.
     """
+    progress = progress or (lambda: None)
     clips_per_part = clips_per_part or DEFAULT_CLIPS_PER_PART
     names = []
     for part, count in clips_per_part.items():
@@ -183,8 +184,11 @@ def write_demo(root, seed=0, workers=1, clips_per_part=None, clip_samples=CLIP_S
             if not ok:
                 raise RuntimeError(f"demo clip {names[index]}: {value}")
             tags[index] = value
+            progress()
     else:
-        tags = [make_clip(*t) for t in tasks]
+        for index, task in enumerate(tasks):
+            tags[index] = make_clip(*task)
+            progress()
     quote = lambda row: "\t".join(f'"{v}"' for v in row)  # noqa: E731 - the release quotes every field
     lines = [quote(["clip_id", *TAGS, "mp3_path"])]
     lines += [quote([i + 1] + [int(t in clip_tags) for t in TAGS] + [rel])

@@ -1,6 +1,6 @@
 """Evaluation as the literature reports it: sklearn macro ROC-AUC and PR-AUC over tags, on the test split.
 
-    python -m tagger.evaluate --model saved_models/NAME [--data tfrecords/NAME] [--split test]
+    python -m tagger.evaluate --model NAME_OR_PATH [--data tfrecords/NAME] [--split test] [--models-dir DIR]
 
 Writes per-tag ROC-AUC / PR-AUC with each tag's train count (CSV), a per-tag bar chart (PNG, and a
 TensorBoard image when a log folder is given) and metrics.json. A tag with one class only in the
@@ -13,8 +13,8 @@ import warnings
 import numpy as np
 
 from tagger import files
-from tagger.cli import (EXIT_OK, ArgumentParser, UsageError, main_guard, positive_int,
-                        quiet_tensorflow)
+from tagger.cli import (EXIT_OK, ArgumentParser, UsageError, add_models_dir_flag, main_guard, plural,
+                        positive_int, quiet_tensorflow)
 
 PROG = "python -m tagger.evaluate"
 
@@ -39,7 +39,7 @@ def tag_metrics(y_true, y_prob, tags):
             undefined.append(tag)
         per_tag[tag] = {"roc_auc": roc, "pr_auc": pr, "positives": positives}
     if undefined:
-        warnings.warn(f"{len(undefined)} tag(s) have only one class in this split and no AUC; left out "
+        warnings.warn(f"{plural(len(undefined), 'tag')} with only one class in this split and no AUC; left out "
                       f"of the macro averages: {', '.join(undefined)}", stacklevel=2)
     defined = [m for m in per_tag.values() if m["roc_auc"] is not None]
     mean = (lambda key: float(np.mean([m[key] for m in defined]))) if defined else (lambda key: None)
@@ -109,36 +109,41 @@ def check_compatible(model_info, manifest, model_dir, data_dir):
 
 def parse_args(argv):
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="an export folder under saved_models/")
+    p.add_argument("--model", required=True, metavar="NAME_OR_PATH",
+                   help="an export folder, or the name of one in the models folder")
+    add_models_dir_flag(p)
     p.add_argument("--data", help="TFRecords folder (default: the one the model was trained on)")
-    p.add_argument("--split", choices=("train", "valid", "test"), default="test")
-    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--split", choices=("train", "valid", "test"), default="test", help="the split to evaluate on")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="clips per model call")
     p.add_argument("--out", help="report folder (default: <model>/eval-<split>)")
     return p.parse_args(argv)
 
 
 def run(args):
-    model_dir = args.model.rstrip("/")
-    if not files.exists(f"{model_dir}/config.json"):
-        raise UsageError(f"{args.model} is not a tagger export (no config.json): pass a folder under saved_models/")
+    model_dir = files.find_export(args.model, args.models_dir)
     config = json.loads(files.read_text(f"{model_dir}/config.json"))
-    data_dir = args.data or config["data"]
+    data_dir = args.data or config.get("data")
+    if not data_dir:
+        raise UsageError(f"{model_dir} records no training data (a converted model): pass --data, TFRecords "
+                         "prepared with its tags")
     quiet_tensorflow()
     import tensorflow as tf
     from tagger import data
     from tagger.models import WholeClip
     manifest = data.load_manifest(data_dir)
-    check_compatible(config, manifest, args.model, data_dir)
-    serving = tf.saved_model.load(args.model).signatures["serving_default"]
+    check_compatible(config, manifest, model_dir, data_dir)
+    if not manifest["splits"][args.split]["clips"]:
+        raise UsageError(f"the {args.split} split of {data_dir} is empty: choose another --split")
+    serving = tf.saved_model.load(model_dir).signatures["serving_default"]
     # Whole clips: the export's serving_default arranges them as its family does.
     ds = data.dataset(data_dir, args.split, WholeClip(), args.batch_size, manifest=manifest)
     y, p = predict_dataset(lambda w: serving(waveform=w)["probabilities"], ds)
     metrics = tag_metrics(y, p, manifest["tags"])
     out = (args.out or f"{model_dir}/eval-{args.split}").rstrip("/")
-    write_report(out, metrics, manifest["tag_counts"]["train"], f"{args.model} on {data_dir} ({args.split})")
-    files.write_text(f"{out}/metrics.json", json.dumps({args.split: metrics, "data": data_dir, "model": args.model},
+    write_report(out, metrics, manifest["tag_counts"]["train"], f"{model_dir} on {data_dir} ({args.split})")
+    files.write_text(f"{out}/metrics.json", json.dumps({args.split: metrics, "data": data_dir, "model": model_dir},
                                                         indent=1))
-    print(f"{args.split}: ROC-AUC {metrics['roc_auc']:.4f}  PR-AUC {metrics['pr_auc']:.4f}  ({len(y)} clips)")
+    print(f"{args.split}: ROC-AUC {metrics['roc_auc']:.4f}  PR-AUC {metrics['pr_auc']:.4f}  ({plural(len(y), 'clip')})")
     print(f"Wrote {out}/metrics.json, per_tag.csv and per_tag.png")
     return EXIT_OK
 

@@ -3,7 +3,7 @@
     python -m tagger.experiments table2 [--data DIR] [--runs 5] [--epochs N] [training flags]
     python -m tagger.experiments repeat --arch crnn [--runs 5] [--data DIR] [training flags]
     python -m tagger.experiments zoo [--archs cnn,crnn,...] [--runs 3] [--data DIR] [training flags]
-    python -m tagger.experiments compare saved_models/A saved_models/B
+    python -m tagger.experiments compare NAME_OR_PATH NAME_OR_PATH
 
 table2: the CNN at the five length/stride pairs, N seeds each; test ROC-AUC and PR-AUC mean ± std
 per pair (the study's Table II). repeat: one configuration over N seeds (the headline figure). zoo:
@@ -22,8 +22,8 @@ import sys
 
 from tagger import files, models
 from tagger.config import arch_list
-from tagger.cli import (EXIT_FAILED, EXIT_OK, ArgumentParser, UsageError, main_guard, positive_int,
-                        quiet_tensorflow)
+from tagger.cli import (EXIT_FAILED, EXIT_OK, ArgumentParser, UsageError, add_models_dir_flag, main_guard,
+                        positive_int, quiet_tensorflow)
 from tagger.models import cnn
 
 PROG = "python -m tagger.experiments"
@@ -44,13 +44,15 @@ def parse_args(argv):
         s.add_argument("--runs", type=positive_int, default=runs, help=f"seeds per configuration (default {runs})")
         s.add_argument("--seed", type=int, default=0, help="the first seed (default 0)")
         s.add_argument("--out", help="folder for the tables (default: under runs/experiments/)")
+        train.add_output_flags(s)
         if name == "zoo":
             s.add_argument("--archs", type=arch_list, default=models.names(),
                            help=f"comma-separated families (default: all, {','.join(models.names())})")
     c = sub.add_parser("compare", help="per-tag ROC-AUC of two exports (Fig. 5)", prog=f"{PROG} compare")
     c.error = p.error
-    c.add_argument("models", nargs=2, metavar="MODEL", help="export folders under saved_models/")
+    c.add_argument("models", nargs=2, metavar="MODEL", help="two exports: folders, or names in the models folder")
     c.add_argument("--out", help="folder for the chart and table (default: runs/compare/A-vs-B)")
+    add_models_dir_flag(c)
     args, rest = p.parse_known_args(argv)
     if args.command == "compare":
         if rest:
@@ -61,6 +63,7 @@ def parse_args(argv):
         if any(a == flag or a.startswith(flag + "=") for a in rest):
             p.error(f"{flag} is set by '{args.command}' itself")
     prog = f"{PROG} {args.command}"
+    rest = [*rest, "--runs-dir", args.runs_dir, "--models-dir", args.models_dir]
     if args.command == "table2":
         rest = ["--arch", cnn.FAMILY.name, *rest]
         grid = [["--length", str(length), "--stride", str(stride)] for length, stride in PAIRS]
@@ -75,18 +78,9 @@ def parse_args(argv):
 
 def finished_metrics(config):
     """The metrics.json of an export made with exactly this config, or None."""
-    import tensorflow as tf
-
-    from tagger import config as configs
     from tagger import train
-    folder = f"{config.models_dir}/{config.run_name}"
-    if not tf.io.gfile.exists(f"{folder}/metrics.json"):
-        return None
-    before = train.recorded_config(folder)
-    if before is None or configs.settings_differ(before, config):
-        return None
-    with tf.io.gfile.GFile(f"{folder}/metrics.json") as f:
-        return json.load(f)
+    done = train.finished_export(config)
+    return done[1] if done else None
 
 
 def train_all(configs):
@@ -245,9 +239,9 @@ def write_zoo(args, results):
 
 def load_export_metrics(folder):
     """(test per-tag metrics, train counts) of an export."""
-    if not all(files.exists(f"{folder}/{n}") for n in ("metrics.json", "config.json")):
-        raise UsageError(f"{folder} is not a tagger export (no metrics.json and config.json): pass folders "
-                         "under saved_models/")
+    if not files.exists(f"{folder}/metrics.json"):
+        raise UsageError(f"{folder} has no test metrics (metrics.json: a converted model?): compare exports "
+                         "trained by tagger.train")
     metrics = json.loads(files.read_text(f"{folder}/metrics.json"))
     config = json.loads(files.read_text(f"{folder}/config.json"))
     counts = metrics.get("train_tag_counts")
@@ -261,7 +255,7 @@ def load_export_metrics(folder):
 
 
 def compare(args):
-    a, b = (m.rstrip("/") for m in args.models)
+    a, b = (files.find_export(m, args.models_dir) for m in args.models)
     (tags_a, counts), (tags_b, _) = load_export_metrics(a), load_export_metrics(b)
     if list(tags_a) != list(tags_b):
         raise UsageError(f"{a} and {b} have different tags: compare models trained on the same tag set")

@@ -110,8 +110,9 @@ def figure_png(fig):
 def recorded_settings_differ(path, settings, defaults=None):
     """Compare `settings` with those recorded in the JSON file `path`: the keys whose values differ.
     When there is no record yet, write one (atomically) and return []. `defaults` maps a key whose
-    value is a dict to the values of its fields that a record may lack (written by an older version);
-    only the fields `settings` has count (an older record may also hold settings since dropped)."""
+    value is a dict to the values of its fields that a record may lack (written by an older version),
+    and another key to its value where a record lacks it; only the fields `settings` has count (an
+    older record may also hold settings since dropped)."""
     import json
 
     import tensorflow as tf
@@ -123,6 +124,8 @@ def recorded_settings_differ(path, settings, defaults=None):
     for key, fields in (defaults or {}).items():
         if isinstance(before.get(key), dict) and isinstance(settings.get(key), dict):
             before[key] = {k: before[key].get(k, fields.get(k)) for k in settings[key]}
+        elif not isinstance(fields, dict):
+            before.setdefault(key, fields)
     return [k for k in settings if before.get(k) != settings[k]]
 
 
@@ -138,9 +141,10 @@ def find_export(name_or_path, models_dir):
             return candidate.rstrip("/")
     names = sorted(d for d in (os.listdir(models_dir) if os.path.isdir(models_dir) else [])
                    if is_export(os.path.join(models_dir, d)))
+    there = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "") if names else "none"
     raise UsageError(f"{name_or_path} is neither a tagger export nor the name of one in {models_dir}/ "
-                     f"(there: {', '.join(names) or 'none'}): pass an export folder, train one, or convert "
-                     "musicnn's (python -m tagger.convert musicnn WHEEL)")
+                     f"(there: {there}): pass an export folder, train one, or convert musicnn's "
+                     "(python -m tagger.convert musicnn WHEEL)")
 
 
 def newest_export(models_dir="saved_models"):

@@ -111,6 +111,14 @@ def onednn_cpu():
 CPU_16BIT_FLAGS = {"mixed_bfloat16": ("avx512_bf16", "amx_bf16"), "mixed_float16": ("avx512_fp16", "amx_fp16")}
 
 
+def cpu_cores():
+    """The cores this process may run on (its affinity where the system tells it, else all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def cpu_flags():
     """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:

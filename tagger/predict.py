@@ -19,8 +19,8 @@ import sys
 
 from tagger import files
 from tagger.audio import EXTENSIONS, SAMPLE_RATE
-from tagger.cli import (EXIT_FAILED, EXIT_OK, ArgumentParser, UsageError, main_guard, nonnegative_int,
-                        positive_float, positive_int, quiet_tensorflow)
+from tagger.cli import (EXIT_FAILED, EXIT_OK, ArgumentParser, UsageError, add_models_dir_flag, main_guard,
+                        nonnegative_int, plural, positive_float, positive_int, quiet_tensorflow)
 
 PROG = "python -m tagger.predict"
 
@@ -31,14 +31,17 @@ def parse_args(argv):
     p.add_argument("--model", metavar="NAME_OR_PATH", help="an export folder, or the name of one in the models "
                    "folder: a trained run's, or musicnn-mtt, vgg-mtt, musicnn-msd, vgg-msd once converted "
                    "(python -m tagger.convert musicnn WHEEL); default: the newest export there")
-    p.add_argument("--models-dir", default=os.environ.get("TAGGER_MODELS_DIR", "saved_models"),
-                   help="the models folder (default: $TAGGER_MODELS_DIR or saved_models)")
-    p.add_argument("--top-k", type=nonnegative_int, default=5, help="tags shown per file (0: all; default 5)")
-    p.add_argument("--threshold", type=float, help="only tags at or above this probability (0-1)")
-    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    add_models_dir_flag(p)
+    p.add_argument("--top-k", type=nonnegative_int, default=5, help="tags kept per file and per window, most "
+                   "probable first, in every format (0: all; default 5)")
+    p.add_argument("--threshold", type=float, help="keep only tags at or above this probability (0-1), in every "
+                   "format (default: none)")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table",
+                   help="table: one line a file; json: a list of {path, duration, tags}; csv: one row per kept tag "
+                   "(path, duration or start, rank, tag, probability)")
     p.add_argument("--timeline", action="store_true", help="also each window's start and top tags")
     p.add_argument("--hop", type=positive_float, help="seconds between windows (default: the window length)")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="windows per model call")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows per model call (default 8)")
     p.add_argument("--embeddings", metavar="DIR", help="also write each file's per-window penultimate features and "
                    "their mean (NAME.windows.npy, NAME.mean.npy) to DIR")
     p.add_argument("--plot", metavar="DIR", help="also draw each file's taggram (tags over time) as DIR/NAME.png: "
@@ -270,31 +273,38 @@ def top_tags(probs, tags, k, threshold):
 
 
 def write_output(results, tags, args, out=sys.stdout):
+    """Every format keeps the same tags: the --top-k most probable (all for 0) at or above --threshold,
+    by descending probability; each window's in the timeline likewise."""
+    def kept(probs):
+        return top_tags(probs, tags, args.top_k, args.threshold)
+
     if args.format == "json":
         doc = []
         for r in results:
-            item = {"path": r["path"], "duration": r["duration"],
-                    "tags": {t: round(float(p), 6) for t, p in zip(tags, r["probabilities"])}}
+            item = {"path": r["path"], "duration": round(r["duration"], 6),
+                    "tags": {t: round(p, 6) for t, p in kept(r["probabilities"])}}
             if args.timeline:
-                item["windows"] = [{"start": s, "tags": {t: round(float(p), 6) for t, p in zip(tags, wp)}}
+                item["windows"] = [{"start": round(s, 6), "tags": {t: round(p, 6) for t, p in kept(wp)}}
                                    for s, wp in zip(r["starts"], r["window_probabilities"])]
             doc.append(item)
         json.dump(doc, out, indent=1)
         out.write("\n")
     elif args.format == "csv":
-        w = csv.writer(out)
-        w.writerow(["path", "start" if args.timeline else "duration", *tags])
+        # One row per kept tag (long format), so the filters apply as they do to the table.
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(["path", "start" if args.timeline else "duration", "rank", "tag", "probability"])
         for r in results:
             rows = zip(r["starts"], r["window_probabilities"]) if args.timeline else [(r["duration"], r["probabilities"])]
             for first, probs in rows:
-                w.writerow([r["path"], first, *(f"{p:.6f}" for p in probs)])
+                for rank, (t, p) in enumerate(kept(probs), 1):
+                    w.writerow([r["path"], f"{first:.6f}", rank, t, f"{p:.6f}"])
     else:
         for r in results:
-            top = ", ".join(f"{t} {p:.2f}" for t, p in top_tags(r["probabilities"], tags, args.top_k, args.threshold))
+            top = ", ".join(f"{t} {p:.2f}" for t, p in kept(r["probabilities"]))
             out.write(f"{r['path']}  ({r['duration']:.1f} s)  {top or '(no tag above the threshold)'}\n")
             if args.timeline:
                 for s, probs in zip(r["starts"], r["window_probabilities"]):
-                    top = ", ".join(f"{t} {p:.2f}" for t, p in top_tags(probs, tags, args.top_k, args.threshold))
+                    top = ", ".join(f"{t} {p:.2f}" for t, p in kept(probs))
                     out.write(f"    {int(s // 60):02d}:{s % 60:05.2f}  {top}\n")
 
 
@@ -341,13 +351,14 @@ def run(args):
     write_output(results, tags, args)
     if args.embeddings and results:
         write_embeddings(results, args.embeddings)
-        print(f"Wrote the embeddings of {len(results)} file(s) to {os.path.normpath(args.embeddings)}/ "
+        print(f"Wrote the embeddings of {plural(len(results), 'file')} to {os.path.normpath(args.embeddings)}/ "
               "(NAME.windows.npy, NAME.mean.npy, index.csv)", file=sys.stderr)
     if args.plot and results:
         plot_taggrams(results, tags, args.plot, args.top_k)
-        print(f"Wrote the taggrams of {len(results)} file(s) to {os.path.normpath(args.plot)}/", file=sys.stderr)
+        print(f"Wrote the taggrams of {plural(len(results), 'file')} to {os.path.normpath(args.plot)}/", file=sys.stderr)
     if failures:
-        print(f"{len(failures)} of {len(audio_files)} files could not be tagged", file=sys.stderr)
+        print("The file could not be tagged" if len(audio_files) == 1 else
+              f"{len(failures)} of the {len(audio_files)} files could not be tagged", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 

@@ -18,7 +18,7 @@ import time
 from collections import Counter
 
 from tagger import files, mtat
-from tagger.cli import (EXIT_OK, EXIT_USAGE, ArgumentParser, Progress, UsageError, main_guard,
+from tagger.cli import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, ArgumentParser, Progress, UsageError, main_guard,
                         nonnegative_float, positive_float, positive_int, quiet_tensorflow)
 
 PROG = "python -m tagger.prepare"
@@ -30,27 +30,40 @@ PROGRESS_DIR = "progress"
 
 def parse_args(argv):
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
-    p.add_argument("--source", choices=("mtat", "demo", "csv"), default="mtat")
+    p.add_argument("--source", choices=("mtat", "demo", "csv"), default="mtat",
+                   help="mtat: the MagnaTagATune release; demo: the synthetic demo release (written first); csv: "
+                   "your own audio listed in a CSV")
     p.add_argument("--out", required=True, help="output folder (local path or gs://...)")
-    p.add_argument("--mtat-dir", help="the release: annotations_final.csv and part folders 0-f")
+    p.add_argument("--mtat-dir", help="--source mtat: the release, annotations_final.csv and part folders 0-f")
     p.add_argument("--split", choices=mtat.SPLIT_RULES, default="folder",
                    help="folder: every clip; clean: only clips with at least one of the tags")
     p.add_argument("--csv", help="--source csv: a CSV with columns path, tags (';'-separated), [split]")
     p.add_argument("--audio-root", help="--source csv: folder the CSV's paths are relative to")
-    p.add_argument("--clip-seconds", type=positive_float, help="clip length (mtat: 29.125, demo: 10.24)")
+    p.add_argument("--clip-seconds", type=positive_float, help="clip length (default: mtat and csv 29.125, demo 10.24)")
+    p.add_argument("--clip-offset", type=clip_offset, default=0.0, metavar="SECONDS|middle",
+                   help="where in a longer file the clip starts: seconds from its start (earlier where the file "
+                   "ends before a whole clip), or middle; MTAT's files are one clip each")
     p.add_argument("--min-seconds", type=nonnegative_float,
                    help="skip files shorter than this (default: 90%% of the clip)")
     p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, help="decoder processes")
     p.add_argument("--shard-mb", type=positive_float, help="target shard size (default 150, demo 16)")
     p.add_argument("--top-tags", type=positive_int, default=50, help="number of output tags")
     p.add_argument("--seed", type=int, default=0, help="demo audio and the csv source's random split")
-    p.add_argument("--plan", action="store_true", help="write plan.tsv and tags.json only; no audio read")
+    p.add_argument("--plan", action="store_true", help="write plan.tsv and tags.json, and count the planned audio "
+                   "files that are missing or empty (listed in missing.tsv; exit status 1 if any); nothing decoded")
     args = p.parse_args(argv)
     if args.source == "mtat" and not args.mtat_dir:
         p.error("--source mtat needs --mtat-dir DIR (the unzipped release with annotations_final.csv)")
     if args.source == "csv" and not (args.csv and args.audio_root):
         p.error("--source csv needs --csv FILE and --audio-root DIR")
     return args
+
+
+def clip_offset(text):
+    """argparse type: 'middle', or seconds (0 or more)."""
+    if text == "middle":
+        return text
+    return nonnegative_float(text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,6 +114,29 @@ def csv_plan(csv_path, seed, top_tags):
             split = "train" if r < 0.8 else "valid" if r < 0.9 else "test"
         plan[split].append((clip_id, path, [t for t in tags if t in labels]))
     return plan, tags
+
+
+def missing_files(plan, audio_root):
+    """{split: [path]} of the planned files that do not exist or are empty (stat only, nothing read)."""
+    missing = {}
+    for split in mtat.SPLITS:
+        missing[split] = []
+        for _, rel, _ in plan[split]:
+            path = os.path.join(audio_root, rel)
+            try:
+                empty = os.stat(path).st_size == 0
+            except OSError:
+                empty = True
+            if empty:
+                missing[split].append(rel)
+    return missing
+
+
+def warn_empty_splits(counts, what):
+    empty = [s for s in mtat.SPLITS if not counts[s]]
+    if empty:
+        sys.stderr.write(f"{PROG}: warning: {what} no clips in the {' and '.join(empty)} split"
+                         f"{'s' if len(empty) > 1 else ''}: tagger.train needs clips in train, valid and test\n")
 
 
 def write_plan_tsv(path, plan):
@@ -160,7 +196,7 @@ def convert(plan, tags, out, audio_root, settings, workers, shard_mb):
     tasks, owners = [], []
     for shard_no, (_, _, entries) in enumerate(pending):
         for pos, (_, rel, _) in enumerate(entries):
-            tasks.append((os.path.join(audio_root, rel), clip_samples, min_samples))
+            tasks.append((os.path.join(audio_root, rel), clip_samples, min_samples, settings["clip_offset"]))
             owners.append((shard_no, pos))
     results = [{} for _ in pending]
     bar = Progress(len(tasks), "decoding")
@@ -214,7 +250,8 @@ def write_manifest(tf, out, shards, tags, settings):
         padded += summary["padded"]
     manifest = {
         "source": settings["source"], "split": settings["split"], "sample_rate": settings["sample_rate"],
-        "clip_samples": settings["clip_samples"], "tags": tags, "splits": splits, "padded": padded,
+        "clip_samples": settings["clip_samples"], "clip_offset": settings["clip_offset"], "tags": tags,
+        "splits": splits, "padded": padded,
         "skipped": skipped, "tag_counts": tag_counts, "min_samples": settings["min_samples"],
         "annotations_sha256": settings["annotations_sha256"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -240,7 +277,7 @@ def _check_settings(out, settings):
     except tf.errors.OpError as e:
         raise UsageError(f"cannot create the output folder {out} ({e.message}): choose a writable --out") from None
     try:
-        diff = files.recorded_settings_differ(path, settings)
+        diff = files.recorded_settings_differ(path, settings, {"clip_offset": 0.0})
     except tf.errors.OpError as e:
         raise UsageError(f"cannot write to {out} ({e.message}): choose a writable --out") from None
     if diff:
@@ -274,7 +311,9 @@ def prepare(args):
             total = sum(demo.DEFAULT_CLIPS_PER_PART.values())
             print(f"Writing the synthetic demo release ({total} clips of {demo.CLIP_SECONDS} s) to {audio_root}",
                   file=sys.stderr)
-            demo.write_demo(audio_root, args.seed, args.workers)
+            bar = Progress(total, "writing the demo release")
+            demo.write_demo(audio_root, args.seed, args.workers, progress=bar.update)
+            bar.close()
         plan, tags = mtat_plan(f"{audio_root}/annotations_final.csv", args.split, args.top_tags)
         annotations = f"{audio_root}/annotations_final.csv"
     elif args.source == "mtat":
@@ -303,15 +342,29 @@ def prepare(args):
         files.write_text(f"{out}/tags.json", json.dumps(tags, indent=1))
         print(f"Plan ({args.split} split, {len(tags)} tags): " +
               ", ".join(f"{s} {n:,}" for s, n in counts.items()) + " clips")
-        print(f"Wrote {out}/plan.tsv and {out}/tags.json")
-        return EXIT_OK
+        warn_empty_splits(counts, "the plan has")
+        missing = missing_files(plan, audio_root)
+        absent = sum(len(m) for m in missing.values())
+        written = f"{out}/plan.tsv and {out}/tags.json"
+        if absent:
+            files.write_text(f"{out}/missing.tsv", "split\tpath\n" + "".join(
+                f"{s}\t{rel}\n" for s in mtat.SPLITS for rel in missing[s]))
+            print(f"Missing or empty audio files under {audio_root}: " +
+                  ", ".join(f"{s} {len(m):,} of {counts[s]:,}" for s, m in missing.items()) +
+                  f" (e.g. {next(r for m in missing.values() for r in m)})")
+            written += f" and {out}/missing.tsv"
+        else:
+            print(f"All {sum(counts.values()):,} planned audio files are there (none empty)")
+        print(f"Wrote {written}")
+        return EXIT_FAILED if absent else EXIT_OK
 
     if args.source != "demo" and not os.path.isdir(audio_root):
         raise UsageError(f"audio folder {audio_root} does not exist: point it at the folder holding the audio")
     quiet_tensorflow()
     import tensorflow as tf
     settings = {"source": args.source, "split": args.split, "sample_rate": SAMPLE_RATE,
-                "clip_samples": clip_samples, "min_samples": min_samples, "tags": tags,
+                "clip_samples": clip_samples, "clip_offset": args.clip_offset, "min_samples": min_samples,
+                "tags": tags,
                 "annotations_sha256": _sha256(annotations),
                 "shard_mb": args.shard_mb or (16 if args.source == "demo" else 150)}
     _check_settings(out, settings)
@@ -320,6 +373,7 @@ def prepare(args):
     started = time.time()
     manifest = convert(plan, tags, out, audio_root, settings, args.workers, settings["shard_mb"])
     converted = sum(s["clips"] for s in manifest["splits"].values())
+    warn_empty_splits({s: v["clips"] for s, v in manifest["splits"].items()}, "the converted data has")
     print(f"\nConverted {converted:,} clips in {time.time() - started:.0f} s to {out}/ ({len(tags)} tags):")
     for split, info in manifest["splits"].items():
         print(f"  {split:5s} {info['clips']:6,} clips in {len(info['shards'])} shards")

@@ -17,7 +17,8 @@ import sys
 import time
 
 from tagger import config, files, models, schedules
-from tagger.cli import EXIT_FAILED, EXIT_OK, ArgumentParser, UsageError, main_guard, positive_int, quiet_tensorflow
+from tagger.cli import (EXIT_FAILED, EXIT_OK, ArgumentParser, UsageError, add_models_dir_flag, main_guard,
+                        plural, positive_int, quiet_tensorflow)
 from tagger.finetune import FREEZE, read_init
 from tagger.models import DoesNotFit
 
@@ -30,14 +31,14 @@ def build_parser(prog=PROG):
     p.add_argument("--data", help=f"TFRecords folder from tagger.prepare (default: {config.DEMO_DATA}, created if "
                    "missing, with the family's demo settings)")
     config.add_training_flags(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--strategy", choices=("default", "mirrored"),
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights, the shuffle and the random pieces")
+    p.add_argument("--strategy", choices=("default", "mirrored"), default="default",
                    help="mirrored: data-parallel over local GPUs (tf.distribute.MirroredStrategy)")
     p.add_argument("--devices", type=positive_int, help="mirrored: use this many GPUs (default: all); "
                    "with no GPU, split the CPU into this many devices (for testing)")
     p.add_argument("--scale-lr", action="store_true", help="mirrored: multiply --lr by the number of replicas "
                    "(the global batch is --batch-size x replicas)")
-    p.add_argument("--run-name", help="name under runs/ and saved_models/ (default: from the settings)")
+    p.add_argument("--run-name", help="name of the run's folder and of its export (default: from the settings)")
     p.add_argument("--restore-best", action="store_true", help="export the best val_auc epoch, not the last")
     p.add_argument("--stop-after", type=positive_int, metavar="EPOCH", help="stop once this epoch is done, "
                    "checkpointed: the same command without it (or with a later one) goes on from there")
@@ -46,9 +47,15 @@ def build_parser(prog=PROG):
                    "learning rate, a tenth of the family's unless --lr or --freeze body")
     p.add_argument("--freeze", choices=FREEZE, help="with --init: body = train the output layer alone")
     p.add_argument("--shuffle-buffer", type=positive_int, help="records in the shuffle buffer (default 512)")
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--models-dir", default="saved_models")
+    add_output_flags(p)
     return p
+
+
+def add_output_flags(parser):
+    """--runs-dir and --models-dir: where a run's checkpoints and curves, and its export, go."""
+    parser.add_argument("--runs-dir", default="runs", metavar="DIR",
+                        help="checkpoints, TensorBoard curves and reports, one folder per run")
+    add_models_dir_flag(parser)
 
 
 def config_from_args(argv, prog=PROG):
@@ -182,7 +189,7 @@ def make_strategy(cfg):
     if gpus:
         n = cfg.devices or len(gpus)
         if n > len(gpus):
-            raise UsageError(f"--devices {n}: this machine has {len(gpus)} GPU(s); pass at most {len(gpus)}")
+            raise UsageError(f"--devices {n}: this machine has {plural(len(gpus), 'GPU')}; pass at most {len(gpus)}")
         return tf.distribute.MirroredStrategy([f"/gpu:{i}" for i in range(n)])
     n = cfg.devices or 1
     cpu = tf.config.list_physical_devices("CPU")[0]
@@ -196,10 +203,45 @@ def make_strategy(cfg):
 
 
 def check_data_folder(cfg):
-    """--data must be a finished tagger.prepare output (the demo is made when missing): one line, exit 2."""
-    if not cfg.demo and not files.exists(f"{cfg.data}/manifest.json"):
+    """--data must be a finished tagger.prepare output (the demo is made when missing) with clips in
+    every split: one line, exit 2. A local folder is read here, before TensorFlow loads; a remote one
+    by check_splits once it has."""
+    if cfg.demo or files.is_remote(cfg.data):
+        return
+    path = f"{cfg.data}/manifest.json"
+    if not os.path.isfile(path):
         raise UsageError(f"--data {cfg.data} is not a TFRecords folder from tagger.prepare (no "
                          "manifest.json there): prepare it first, or check the path")
+    try:
+        manifest = json.loads(files.read_text(path))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path} cannot be read ({e}): prepare the data again") from None
+    check_splits(cfg.data, manifest)
+
+
+def check_splits(data, manifest):
+    """Training needs clips in train and validation, and the test report in test."""
+    empty = [s for s in ("train", "valid", "test") if not manifest.get("splits", {}).get(s, {}).get("clips")]
+    if empty:
+        raise UsageError(f"--data {data}: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} "
+                         "empty (manifest.json): prepare the data again with clips in every split (see "
+                         "tagger.prepare --plan)")
+
+
+def finished_export(cfg):
+    """(export folder, its metrics) when this exact run is finished and exported, else None. Local
+    folders are read without TensorFlow."""
+    folder = f"{cfg.models_dir}/{cfg.run_name}"
+    if not (files.exists(f"{folder}/metrics.json") and files.is_export(folder)):
+        return None
+    try:
+        before = json.loads(files.read_text(f"{folder}/config.json")).get("config", {})
+        metrics = json.loads(files.read_text(f"{folder}/metrics.json"))
+    except (OSError, ValueError):
+        return None
+    if config.settings_differ(before, cfg) or metrics.get("epochs") != cfg.epochs:
+        return None
+    return folder, metrics
 
 
 def choose_cpu_kernels(cfg):
@@ -216,8 +258,15 @@ def run(cfg):
     """Train, evaluate, export. Returns the exit status."""
     started = time.time()
     check_data_folder(cfg)
-    print(("Demo settings (no --data): " if cfg.demo else "Settings: ")
-          + ", ".join(f"{k}={v}" for k, v in cfg.settings().items()), file=sys.stderr)
+    done = None if cfg.stop_after else finished_export(cfg)
+    if done:
+        folder, metrics = done
+        test = metrics["test"]
+        print(f"{cfg.run_name} is finished: test ROC-AUC {test['roc_auc']:.4f}, PR-AUC {test['pr_auc']:.4f}; its "
+              f"export is {folder}/ (nothing changed; --run-name or other settings start another run)")
+        return EXIT_OK
+    print(("Demo settings (no --data): " if cfg.demo else "Settings: ") + ", ".join(
+        f"{k}={v}" for k, v in cfg.settings().items() if k != "momentum" or cfg.optimizer == "sgd"), file=sys.stderr)
     choose_cpu_kernels(cfg)
     if cfg.demo:
         ensure_demo_data(cfg)
@@ -233,6 +282,13 @@ def run(cfg):
         print(f"Note: this CPU has no units for --precision {cfg.precision} "
               f"({' or '.join(kernels.CPU_16BIT_FLAGS[cfg.precision])}), so TensorFlow converts in software: "
               "expect it slower than float32. It pays on GPUs.", file=sys.stderr)
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        names = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
+        print(f"Devices: {plural(len(gpus), 'GPU')}: {', '.join(names)}", file=sys.stderr)
+    else:
+        print(f"Devices: CPU only, {kernels.cpu_cores()} cores (a GPU would be found if TensorFlow saw one: "
+              "README, GPU)", file=sys.stderr)
     replicas = strategy.num_replicas_in_sync if strategy else 1
     global_batch = cfg.batch_size * replicas
     lr = cfg.lr * replicas if cfg.scale_lr else cfg.lr
@@ -240,6 +296,7 @@ def run(cfg):
         print(f"Training on {replicas} replicas ({', '.join(strategy.extended.worker_devices)}): global batch "
               f"{global_batch}, learning rate {lr:g}", file=sys.stderr)
     manifest = data.load_manifest(cfg.data)
+    check_splits(cfg.data, manifest)
     run_dir = f"{cfg.runs_dir}/{cfg.run_name}"
     check_run_folder(run_dir, cfg)
     family = cfg.family
@@ -275,6 +332,9 @@ def run(cfg):
     guard = callbacks.NanGuard(checkpoint)
     board = keras.callbacks.TensorBoard(run_dir, update_freq="epoch", profile_batch=0)
     last = min(cfg.epochs, cfg.stop_after or cfg.epochs)
+    steps = data.steps_per_epoch(manifest, "train", global_batch)
+    watch = [] if gpus else [callbacks.EpochEstimate(steps, last - initial_epoch,
+                                                     say=lambda text: print(text, file=sys.stderr))]
     for phase in phases:
         if phase.end <= initial_epoch or phase.start >= last or guard.where:
             continue
@@ -285,8 +345,8 @@ def run(cfg):
         train_ds = data.training_dataset(cfg.data, layout, global_batch, manifest, input_shape, cfg.seed, first,
                                          cfg.shuffle_buffer)
         model.fit(train_ds, validation_data=valid_ds, epochs=end, initial_epoch=first,
-                  steps_per_epoch=data.steps_per_epoch(manifest, "train", global_batch),
-                  verbose=1 if sys.stdout.isatty() else 2, callbacks=[board, checkpoint, guard])
+                  steps_per_epoch=steps, verbose=1 if sys.stdout.isatty() else 2,
+                  callbacks=[board, checkpoint, guard, *watch])
         previous = phase
     train_seconds = checkpoint.train_seconds
     if guard.where:
@@ -312,6 +372,8 @@ def run(cfg):
         # weights are float32 either way, so the copy is exact and the export computes in float32.
         trained, model = model, build_model(dataclasses.replace(cfg, precision="float32"), manifest)
         model.set_weights(trained.get_weights())
+    test_clips = manifest["splits"]["test"]["clips"]
+    print(f"Evaluating on the test split ({test_clips:,} clips)...", file=sys.stderr)
     test_ds = data.dataset(cfg.data, "test", layout, cfg.batch_size, manifest, input_shape=input_shape)
     y, p = evaluate.predict_dataset(model.predict_on_batch, test_ds)
     test = evaluate.tag_metrics(y, p, manifest["tags"])
@@ -331,6 +393,7 @@ def run(cfg):
                "versions": info["versions"]}
     with tf.io.gfile.GFile(f"{run_dir}/metrics.json", "w") as f:
         json.dump(metrics, f, indent=1)
+    print(f"Exporting the SavedModel to {cfg.models_dir}/{cfg.run_name}/...", file=sys.stderr)
     out = export.export(model, layout, f"{cfg.models_dir}/{cfg.run_name}", manifest["tags"],
                         manifest["clip_samples"], {"config.json": info, "metrics.json": metrics}, family.embedding)
     print(f"\nTest ROC-AUC {test['roc_auc']:.4f}, PR-AUC {test['pr_auc']:.4f} on {len(y)} clips "

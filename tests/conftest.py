@@ -6,10 +6,11 @@ import sys
 import pytest
 
 import tagger  # noqa: F401  (first, as in our commands: its TensorFlow settings apply to the whole suite)
-from tagger.convert import WHEEL as MUSICNN_WHEEL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_ANNOTATIONS = os.path.join(ROOT, "..", "shared", "mtat", "annotations_final.csv.gz")
+# Where the test command downloads musicnn's wheel (or $TAGGER_MUSICNN_WHEEL).
+MUSICNN_WHEEL = os.environ.get("TAGGER_MUSICNN_WHEEL") or os.path.join(ROOT, "wheels", "musicnn-0.1.0-py3-none-any.whl")
 TINY_SECONDS = 4.0  # long enough for the CNN at 256/256 and the CRNN's poolings
 TINY_SAMPLES = int(TINY_SECONDS * 16000)
 TINY_PARTS = {**{p: 3 for p in "0123456789ab"}, "c": 6, **{p: 3 for p in "def"}}
@@ -91,7 +92,7 @@ def wheel():
     the tests that need it fail, naming the command, when it is missing."""
     if not os.path.isfile(MUSICNN_WHEEL):
         pytest.fail(f"{MUSICNN_WHEEL} is missing: fetch it with pip download --no-deps musicnn==0.1.0 -d wheels "
-                    "(the README's test command does)")
+                    "(scripts/test, the README's test command, does)")
     return MUSICNN_WHEEL
 
 

@@ -120,7 +120,7 @@ def test_zoo_tables_every_family_asked_from_its_runs(tiny_records, tmp_path):
     (["table2", "--runs", "0"], "at least 1"),
     (["repeat", "--arch", "rnn"], "invalid choice"),
     (["repeat", "--data", "/no/such/records"], "no manifest.json"),
-    (["compare", "/no/model/a", "/no/model/b"], "is not a tagger export"),
+    (["compare", "/no/model/a", "/no/model/b"], "is neither a tagger export nor the name of one"),
     (["bogus"], "invalid choice"),
     (["zoo", "--archs", "cnn,vggish"], "unknown family vggish"),
     (["zoo", "--arch", "cnn"], "--arch is set by 'zoo' itself"),

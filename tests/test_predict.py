@@ -49,7 +49,7 @@ def _predict(model, *args):
 def test_json_for_every_kind_of_file(crnn_run, music):
     model = crnn_run[0] / "models" / "crnn"
     tags = json.loads((model / "tags.json").read_text())
-    r = _predict(model, music, "--format", "json", "--timeline")
+    r = _predict(model, music, "--format", "json", "--timeline", "--top-k", "0")
     assert r.returncode == 0, r.stderr[-3000:]
     doc = {os.path.relpath(d["path"], music): d for d in json.loads(r.stdout)}
     assert set(doc) == {"plain.wav", "album/tone.mp3", "album/stereo44k.wav", "short.wav", "album/three-minutes.wav"}
@@ -60,9 +60,11 @@ def test_json_for_every_kind_of_file(crnn_run, music):
     starts = window_starts(180 * 16000, TINY_SAMPLES, TINY_SAMPLES)
     assert [w["start"] for w in long["windows"]] == pytest.approx([s / 16000 for s in starts])
     for d in doc.values():
-        assert list(d["tags"]) == tags and all(0 <= p <= 1 for p in d["tags"].values())
-        mean = np.mean([list(w["tags"].values()) for w in d["windows"]], axis=0)
-        np.testing.assert_allclose(list(d["tags"].values()), mean, atol=1e-5)
+        probs = list(d["tags"].values())
+        assert sorted(d["tags"]) == sorted(tags) and all(0 <= p <= 1 for p in probs)
+        assert probs == sorted(probs, reverse=True)                      # most probable first
+        mean = np.mean([[w["tags"][t] for t in tags] for w in d["windows"]], axis=0)
+        np.testing.assert_allclose([d["tags"][t] for t in tags], mean, atol=1e-5)
 
 
 def test_table_csv_threshold_and_hop(crnn_run, music):
@@ -74,7 +76,34 @@ def test_table_csv_threshold_and_hop(crnn_run, music):
     assert "no tag above the threshold" in r.stdout
     r = _predict(model, music / "album" / "three-minutes.wav", "--format", "csv", "--timeline", "--hop", "30")
     rows = r.stdout.strip().splitlines()
-    assert rows[0].startswith("path,start,") and len(rows) - 1 == len(window_starts(180 * 16000, TINY_SAMPLES, 30 * 16000))
+    windows = len(window_starts(180 * 16000, TINY_SAMPLES, 30 * 16000))
+    assert rows[0] == "path,start,rank,tag,probability" and len(rows) - 1 == 5 * windows   # --top-k 5
+
+
+def test_top_k_and_threshold_filter_every_format(crnn_run, music):
+    """The table, JSON and CSV keep the same tags: the --top-k most probable at or above --threshold,
+    most probable first; CSV numbers in one format."""
+    import csv
+    import io
+    model = crnn_run[0] / "models" / "crnn"
+    track = music / "plain.wav"
+    full = json.loads(_predict(model, track, "--format", "json", "--top-k", "0").stdout)[0]["tags"]
+    ranked = list(full.items())
+    assert [p for _, p in ranked] == sorted(full.values(), reverse=True)
+    threshold = (ranked[1][1] + ranked[2][1]) / 2          # between the second and the third tag
+    for k, thr, expected in (("3", None, ranked[:3]), ("0", threshold, ranked[:2]), ("1", threshold, ranked[:1])):
+        extra = ["--top-k", k] + (["--threshold", str(thr)] if thr is not None else [])
+        doc = json.loads(_predict(model, track, "--format", "json", "--timeline", *extra).stdout)[0]
+        assert list(doc["tags"].items()) == expected
+        assert all(len(w["tags"]) <= len(expected) and list(w["tags"].values()) == sorted(w["tags"].values(),
+                   reverse=True) for w in doc["windows"])
+        rows = list(csv.DictReader(io.StringIO(_predict(model, track, "--format", "csv", *extra).stdout)))
+        assert [(r["tag"], float(r["probability"])) for r in rows] == [(t, pytest.approx(p, abs=1e-6))
+                                                                       for t, p in expected]
+        assert [r["rank"] for r in rows] == [str(i) for i in range(1, len(expected) + 1)]
+        assert all(len(r["duration"].split(".")[1]) == 6 and len(r["probability"].split(".")[1]) == 6 for r in rows)
+        table = _predict(model, track, *extra).stdout
+        assert [part.rsplit(" ", 1)[0] for part in table.split("s)  ")[1].strip().split(", ")] == [t for t, _ in expected]
 
 
 def test_a_corrupt_file_among_good_ones(crnn_run, music, tmp_path):
@@ -88,7 +117,9 @@ def test_a_corrupt_file_among_good_ones(crnn_run, music, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert any(ln.startswith(str(tmp_path / "broken.mp3")) for ln in lines)
     assert any(ln.startswith(str(tmp_path / "empty.wav")) and "empty" in ln for ln in lines)
-    assert "Traceback" not in r.stderr
+    assert lines[-1] == "2 of the 4 files could not be tagged" and "Traceback" not in r.stderr
+    r = _predict(model, tmp_path / "broken.mp3")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "The file could not be tagged"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -132,8 +163,9 @@ def test_tag_track_in_a_tensorflow_only_process_gives_the_cli_numbers(crnn_run, 
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["rate"] == 16000 and out["modules"] == []
-    cli = json.loads(_predict(model, track, "--format", "json").stdout)[0]["tags"]
-    np.testing.assert_allclose(list(cli.values()), out["p"], atol=1e-5)
+    cli = json.loads(_predict(model, track, "--format", "json", "--top-k", "0").stdout)[0]["tags"]
+    tags = json.loads((model / "tags.json").read_text())
+    np.testing.assert_allclose([cli[t] for t in tags], out["p"], atol=1e-5)
 
 
 def test_saved_model_cli_lists_both_signatures(crnn_run):

@@ -181,11 +181,79 @@ def test_plan_on_the_real_annotations(tmp_path):
     (tmp_path / "mtat" / "annotations_final.csv").write_bytes(gzip.decompress(open(SHARED_ANNOTATIONS, "rb").read()))
     r = run_cli("tagger.prepare", "--source", "mtat", "--mtat-dir", tmp_path / "mtat", "--out", tmp_path / "plan",
                 "--plan", "--split", "clean")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1, r.stderr            # the annotations alone: every mp3 is missing
     assert "train 15,247, valid 1,529, test 4,332" in r.stdout
+    assert "Missing or empty audio files under" in r.stdout and "train 15,247 of 15,247, valid 1,529 of 1,529" in r.stdout
     rows = open(tmp_path / "plan" / "plan.tsv").read().splitlines()
     assert rows[0] == "split\tclip_id\tmp3_path" and len(rows) == 1 + 15247 + 1529 + 4332
+    assert len(open(tmp_path / "plan" / "missing.tsv").read().splitlines()) == 1 + 15247 + 1529 + 4332
     assert json.load(open(tmp_path / "plan" / "tags.json"))[:3] == ["guitar", "classical", "slow"]
+
+
+def test_plan_counts_missing_and_empty_files(tmp_path):
+    """--plan stats every planned file: a part folder deleted and an empty file are counted per split,
+    listed in missing.tsv, exit status 1; a complete release passes with 0."""
+    x = np.zeros(CLIP, np.int16)
+    files = {f"{part}/clip{i}.wav": (lambda p: _wav(p, x)) for part in "0c" for i in range(3)}
+    files["d/empty.wav"] = b""
+    files["e/fine.wav"] = lambda p: _wav(p, x)
+    _release(tmp_path / "release", files)
+    plan = ["--source", "mtat", "--mtat-dir", tmp_path / "release", "--plan", "--top-tags", "2"]
+    shutil.rmtree(tmp_path / "release" / "0")
+    r = run_cli("tagger.prepare", *plan, "--out", tmp_path / "a")
+    assert r.returncode == 1, r.stderr
+    assert "train 3 of 3, valid 0 of 3, test 1 of 2 (e.g. 0/clip0.wav)" in r.stdout
+    assert sorted(open(tmp_path / "a" / "missing.tsv").read().splitlines()[1:]) == [
+        "test\td/empty.wav", "train\t0/clip0.wav", "train\t0/clip1.wav", "train\t0/clip2.wav"]
+    _release(tmp_path / "whole", {k: v for k, v in files.items() if k != "d/empty.wav"})
+    r = run_cli("tagger.prepare", "--source", "mtat", "--mtat-dir", tmp_path / "whole", "--plan", "--top-tags", "2",
+                "--out", tmp_path / "b")
+    assert r.returncode == 0 and "All 7 planned audio files are there" in r.stdout, r.stdout + r.stderr
+    assert not (tmp_path / "b" / "missing.tsv").exists()
+
+
+def test_an_empty_split_is_warned_about_and_refused_by_train_before_tensorflow(tmp_path):
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    lines = ["path,tags,split"] + [f"s{i}.wav,rock,{'train' if i < 2 else 'valid'}" for i in range(3)]
+    for i in range(3):
+        _wav(audio / f"s{i}.wav", np.zeros(CLIP, np.int16))
+    (tmp_path / "songs.csv").write_text("\n".join(lines) + "\n")
+    r = run_cli("tagger.prepare", "--source", "csv", "--csv", tmp_path / "songs.csv", "--audio-root", audio,
+                "--out", tmp_path / "out", "--clip-seconds", "2", "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    assert "warning: the converted data has no clips in the test split" in r.stderr
+    code = ("import sys\nfrom tagger import train\nstatus = train.main(['--data', sys.argv[1], '--arch', 'cnn'])\n"
+            "print(status, any(m.split('.')[0] == 'tensorflow' for m in sys.modules))")
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"python -m tagger.train: error: --data {tmp_path / 'out'}: the test split is empty (manifest.json): prepare "
+        "the data again with clips in every split (see tagger.prepare --plan)"]
+
+
+@pytest.mark.parametrize("offset, start", [("1.5", 24000), ("middle", 32000), ("5", 64000), ("0", 0)])
+def test_clip_offset_chooses_the_part_of_a_longer_file(tmp_path, offset, start):
+    """A 6 s file, 2 s clips: the clip starts at the offset, or ends with the file where the file is too
+    short for a whole clip from there; middle centres it."""
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    x = np.random.default_rng(4).integers(-20000, 20000, 6 * 16000).astype(np.int16)
+    _wav(audio / "long.wav", x)
+    (tmp_path / "songs.csv").write_text("path,tags,split\nlong.wav,rock,train\n")
+    args = ["--source", "csv", "--csv", str(tmp_path / "songs.csv"), "--audio-root", str(audio),
+            "--out", str(tmp_path / "out"), "--clip-seconds", "2", "--workers", "1", "--clip-offset", offset]
+    assert prepare.main(args) == 0
+    manifest, records = _read_all(tmp_path / "out")
+    np.testing.assert_array_equal(records[1][2], x[start:start + CLIP])
+    assert manifest["clip_offset"] == (offset if offset == "middle" else float(offset))
+    assert prepare.main(args[:-1] + ["2.5"]) == 2           # another offset: the folder is refused
+    settings = tmp_path / "out" / "prepare_settings.json"
+    if offset == "0":                                       # a record from before --clip-offset: offset 0
+        settings.write_text(json.dumps({k: v for k, v in json.load(open(settings)).items() if k != "clip_offset"}))
+        assert prepare.main(args) == 0
 
 
 def test_csv_source(tmp_path):

@@ -1,6 +1,7 @@
 """Training end to end on tiny TFRecords: smoke runs, export round trip, evaluation, errors."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -40,6 +41,26 @@ def test_crnn_smoke_run_writes_everything(crnn_run, tiny_records):
     assert list((run_dir / "train").glob("events.out.tfevents.*")) and list((run_dir / "validation").glob("events.*"))
     assert "Test ROC-AUC" in r.stdout and str(export) in r.stdout
     assert not list((tmp / "models").glob("*.tmp-*"))
+    # says what it runs on, and what it does between the last epoch and the result
+    assert re.search(r"^Devices: CPU only, \d+ cores", r.stderr, re.M), r.stderr[-2000:]
+    settings = next(line for line in r.stderr.splitlines() if line.startswith("Settings: "))
+    assert "optimizer=adam" in settings and " momentum=" not in settings     # SGD's setting, not Adam's
+    assert "Evaluating on the test split (9 clips)..." in r.stderr and f"Exporting the SavedModel to {export}/" in r.stderr
+
+
+def test_running_a_finished_run_again_changes_nothing(crnn_run, tiny_records):
+    tmp, first = crnn_run
+    export = tmp / "models" / "crnn"
+    (export / "eval-test").mkdir(exist_ok=True)
+    (export / "eval-test" / "kept.txt").write_text("an earlier evaluation")
+    before = {p: p.stat().st_mtime_ns for p in [*export.rglob("*"), *(tmp / "runs").rglob("*")]}
+    args = first.args[first.args.index("tagger.train") + 1:]
+    r = run_cli("tagger.train", *args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith(f"crnn is finished: test ROC-AUC ") and f"its export is {export}/" in r.stdout
+    assert {p: p.stat().st_mtime_ns for p in [*export.rglob("*"), *(tmp / "runs").rglob("*")]} == before
+    r = run_cli("tagger.train", *args[:-2], "--lr", "2e-3", "--stop-after", "1")   # other settings: refused
+    assert r.returncode == 2 and "other settings (lr differ)" in r.stderr
 
 
 TRACK = """
@@ -244,7 +265,7 @@ def test_evaluate_refuses_a_model_and_data_that_disagree(crnn_run, tmp_path):
     r = run_cli("tagger.evaluate", "--model", crnn_run[0] / "models" / "crnn", "--data", tmp_path / "other")
     assert r.returncode == 2 and "disagree on tags" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("tagger.evaluate", "--model", tmp_path / "nothing")
-    assert r.returncode == 2 and "not a tagger export" in r.stderr
+    assert r.returncode == 2 and "neither a tagger export nor the name of one" in r.stderr
 
 
 def test_single_class_tag_is_undefined_not_a_crash():
@@ -401,7 +422,7 @@ def test_devices_without_mirrored_is_a_usage_error():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "/no/such/model"], "not a tagger export"),
+    (["--model", "/no/such/model"], "neither a tagger export"),
     (["--model", "m", "--batch-size", "0"], "at least 1"),
     (["--model", "m", "--split", "holdout"], "invalid choice"),
     (["--model", "m", "--unknown-flag"], "unrecognized arguments"),

@@ -51,16 +51,18 @@ def parse_args(argv):
     p.add_argument("--epochs", type=positive_int, help="per trial (default: the family's preset; on the demo "
                    "its search's demo_epochs: cnn 10, the others 2)")
     p.add_argument("--momentum", type=number_list(0, 1, "momenta"),
-                   help="SGD momenta, for a family whose search uses SGD (the CNN: 0.99,0.97,0.95,0.9,0)")
+                   help="SGD momenta, for a family whose search uses SGD (default: the CNN's grid, "
+                   "0.99,0.97,0.95,0.9,0)")
     p.add_argument("--lr", type=number_list(1e-12, math.inf, "learning rates"),
                    help="learning rates (default: the family's grid; CNN 0.001,0.002,0.005,0.01,0.02, the "
                    "others 1e-4,2e-4,5e-4,1e-3,2e-3)")
-    p.add_argument("--batch-size", type=positive_int)
-    p.add_argument("--width", type=positive_float, help="multiply channel counts (tests, quick checks)")
+    p.add_argument("--batch-size", type=positive_int, help="clips per step (default: the family's preset)")
+    p.add_argument("--width", type=positive_float, help="multiply channel counts (tests, quick checks; default: "
+                   "the family's preset, 1 outside the demo)")
     p.add_argument("--precision", choices=tuple(configs.PRECISIONS), help="as tagger.train's (default: float32)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds every trial's training")
     p.add_argument("--out", help="search folder (default: runs/search-<arch>-<data>-...)")
-    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--runs-dir", default="runs", help="where the default --out goes")
     args = p.parse_args(argv)
     family, given = configs.check_family_flags(p, args)
     if args.momentum and "momentum" not in family.search:

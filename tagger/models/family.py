@@ -43,7 +43,6 @@ class Option:
 class WholeClip:
     """The model reads the whole clip, (batch, clip_samples), and predicts it."""
     name = "whole_clip"
-    description = "the whole clip"
 
     # How a long track is cut into windows (tag_track, tagger.predict): `lead` zeros before it, windows
     # of window_samples every hop samples, and one more aligned to the end where the last one stops short.
@@ -93,9 +92,6 @@ class SubClips(WholeClip):
     name = "sub_clips"
     count: int = 10
 
-    @property
-    def description(self):
-        return f"{self.count} sub-clips, averaged inside the model"
 
     def model_input(self, waves, input_shape, training=False):
         from tagger.data import to_sub_clips
@@ -118,10 +114,6 @@ class Chunks(WholeClip):
     samples: int = 59049
     eval_count: int = 16
 
-    @property
-    def description(self):
-        return (f"chunks of {self.samples:,} samples: one random chunk per clip in training, "
-                f"{self.eval_count} evenly spaced in evaluation")
 
     def window_samples(self, clip_samples):
         return self.samples
@@ -178,9 +170,6 @@ class Patches(WholeClip):
     hop: int = 256
     fft: int = 512
 
-    @property
-    def description(self):
-        return f"patches of {self.frames} frames (musicnn's), averaged"
 
     @property
     def lead(self):
