@@ -57,7 +57,7 @@ def test_running_a_finished_run_again_changes_nothing(crnn_run, tiny_records):
     args = first.args[first.args.index("tagger.train") + 1:]
     r = run_cli("tagger.train", *args)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.startswith(f"crnn is finished: test ROC-AUC ") and f"its export is {export}/" in r.stdout
+    assert r.stdout.startswith("crnn is finished: test ROC-AUC ") and f"its export is {export}/" in r.stdout
     assert {p: p.stat().st_mtime_ns for p in [*export.rglob("*"), *(tmp / "runs").rglob("*")]} == before
     r = run_cli("tagger.train", *args[:-2], "--lr", "2e-3", "--stop-after", "1")   # other settings: refused
     assert r.returncode == 2 and "other settings (lr differ)" in r.stderr
