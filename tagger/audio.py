@@ -1,27 +1,241 @@
 """Decoding audio files: mp3, wav, flac and ogg at any rate and channel count, to 16 kHz mono.
 
-The only module that imports tensorflow_io. Nothing here goes into a model or a SavedModel: it
-runs in the converter's worker processes and in `tagger.predict`, never on the accelerator.
+Two decoders behind one interface: tensorflow-io (`tfio`) and libsndfile through `soundfile`. The
+default, `auto`, is tensorflow-io where it imports and loads (its last release, 0.37.1, works up to
+TensorFlow 2.16), else soundfile; `TAGGER_DECODER=tfio|soundfile` or a command's `--decoder` forces
+one. wav, flac and ogg decode to the same samples either way (to float32 rounding); mp3 decoders differ
+by about 1e-6 (docs/performance.md, Decoders). The only module that imports tensorflow_io. Nothing
+here goes into a model or a SavedModel: it runs in the converter's worker processes and in
+`tagger.predict`, never on the accelerator.
 
-Files are read in blocks (`stream`), mixed down and resampled block by block, so an hour-long
+Files are read in blocks (`Stream`), mixed down and resampled block by block, so an hour-long
 track never needs more than a block of audio in memory; `decode` joins the blocks of short files.
 """
+import contextlib
+import functools
 import math
 import os
 import re
+import threading
 
 import numpy as np
 
-from tagger.cli import quiet_tensorflow
+from tagger.cli import UsageError, quiet_tensorflow
 
 SAMPLE_RATE = 16000
 EXTENSIONS = (".mp3", ".wav", ".flac", ".ogg")
 BLOCK_SECONDS = 30.0
+DECODERS = ("auto", "tfio", "soundfile")
+DECODER_ENV = "TAGGER_DECODER"
+NAMES = {"tfio": "tensorflow-io", "soundfile": "soundfile"}
 
 
 class AudioError(Exception):
     """A file that cannot be used: missing, empty, not audio, corrupt or too short."""
 
+
+# ----------------------------------------------------------------------------------------------
+# Choosing a decoder
+
+def requested_decoder():
+    """The decoder asked for: $TAGGER_DECODER, else auto. A value outside DECODERS is a usage error."""
+    name = os.environ.get(DECODER_ENV) or "auto"
+    if name not in DECODERS:
+        raise UsageError(f"{DECODER_ENV}={name}: choose one of {', '.join(DECODERS)}")
+    return name
+
+
+def add_decoder_flag(parser):
+    parser.add_argument("--decoder", choices=DECODERS, default=None,
+                        help=f"audio decoder: tfio (tensorflow-io), soundfile (libsndfile), or auto: tfio where "
+                        f"it loads, else soundfile (default: ${DECODER_ENV}, else auto)")
+
+
+@functools.lru_cache(maxsize=None)
+def tfio_problem():
+    """None when tensorflow-io imports and its audio kernels load here, else the reason in a few words."""
+    quiet_tensorflow()
+    try:
+        import tensorflow_io
+        from tensorflow_io.python.ops import core_ops
+        core_ops.io_audio_readable_init     # loads the kernel library: undefined symbols show here
+        return None if tensorflow_io.__version__ else "no version"
+    except Exception as e:        # noqa: BLE001 - any failure to load means: not usable here
+        text = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {text[-1][:160] if text else ''}"
+
+
+def resolve_decoder(name=None):
+    """'tfio' or 'soundfile' for a requested name (None: $TAGGER_DECODER, else auto). Forcing tfio where
+    it does not load is a usage error naming the way out."""
+    name = name or requested_decoder()
+    if name == "auto":
+        return "tfio" if tfio_problem() is None else "soundfile"
+    if name == "tfio" and tfio_problem() is not None:
+        raise UsageError(f"the tfio decoder cannot be used here: tensorflow-io does not load ({tfio_problem()}); "
+                         "use --decoder soundfile (or auto)")
+    return name
+
+
+def decoder_info(name):
+    """{"name", "version"} of a resolved decoder, as manifests and run configs record it."""
+    if name == "tfio":
+        import tensorflow_io
+        return {"name": NAMES[name], "version": tensorflow_io.__version__}
+    import soundfile
+    return {"name": NAMES[name], "version": soundfile.__version__, "libsndfile": soundfile.__libsndfile_version__}
+
+
+# ----------------------------------------------------------------------------------------------
+# Readers: one open file, read in order as (frames, channels) arrays of any numeric type
+
+class _TfioReader:
+    def __init__(self, path):
+        quiet_tensorflow()
+        import tensorflow_io as tfio
+        self.path = path
+        with _tfio_errors(path):
+            self._audio = tfio.audio.AudioIOTensor(path)
+            self.frames, self.channels = (int(d) for d in self._audio.shape.numpy())
+            self.rate = int(self._audio.rate.numpy())
+
+    def read(self, start, stop):
+        with _tfio_errors(self.path):
+            return self._audio[start:stop].numpy()
+
+    def close(self):
+        pass
+
+
+class _tfio_errors:
+    """Turns tensorflow-io's errors about the file into AudioError("not decodable audio (reason)")."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        import tensorflow as tf
+        # What tensorflow-io raises for a file it cannot read: unknown or unsupported format, corrupt
+        # data, a file that ends early. Other errors (memory, a bug) are not about the file: they go up.
+        unreadable = (tf.errors.InvalidArgumentError, tf.errors.OutOfRangeError, tf.errors.DataLossError,
+                      tf.errors.UnimplementedError, tf.errors.NotFoundError)
+        if kind is not None and issubclass(kind, unreadable):
+            text = re.sub(r"\{\{function_node [^}]*\}\}|\[Op:[^\]]*\]", "", getattr(error, "message", str(error)))
+            raise AudioError(f"not decodable audio ({_last_line(text, self.path, kind)})") from None
+        return False
+
+
+class _SoundfileReader:
+    """libsndfile through soundfile, read in order. libsndfile trusts an mp3's Xing/Info header for its
+    length and, without one, estimates it from the first frames and stops reading there (libsndfile
+    issue #1001: a 7 s VBR file read as 3 s). Read through a pipe, it reads to the stream's end: an mp3
+    without the header is counted that way first, then decoded through a second pipe."""
+
+    COUNT_MAX = 2 ** 63 - 1
+
+    def __init__(self, path):
+        import soundfile
+        self.path, self._pipe = path, False
+        with _soundfile_errors(path):
+            self._file = soundfile.SoundFile(path)
+            self.rate, self.channels, self.frames = self._file.samplerate, self._file.channels, self._file.frames
+            if self._file.format == "MP3" and self._headerless():
+                self._file.close()
+                self.frames = self._count(self._open_pipe())
+                self._file = self._open_pipe()
+                self._pipe = True
+            elif self.frames >= self.COUNT_MAX:        # a length libsndfile does not know (an ogg without EOS)
+                self.frames = self._count(self._file)
+                self._file = soundfile.SoundFile(path)
+            else:
+                self.frames = max(self.frames, self._claimed_frames())
+        self._position = 0
+
+    def _claimed_frames(self):
+        """The frames a WAV header claims where the file holds fewer (cut short): libsndfile quietly reads
+        what is there and notes it in its log; claimed, the read stops short and the file fails as with
+        tensorflow-io (decoding stopped at ...)."""
+        log = self._file.extra_info
+        data = re.search(r"^data\s*:\s*(\d+) \(should be \d+\)", log, re.M)
+        align = re.search(r"Block Align\s*:\s*(\d+)", log)
+        return int(data.group(1)) // int(align.group(1)) if data and align and int(align.group(1)) else 0
+
+    def _open_pipe(self):
+        """The file through a pipe fed by a thread: libsndfile then reads to the end of the stream."""
+        import soundfile
+        read_end, write_end = os.pipe()
+
+        def feed():
+            with open(self.path, "rb") as source, os.fdopen(write_end, "wb") as sink:
+                for chunk in iter(lambda: source.read(1 << 16), b""):
+                    try:
+                        sink.write(chunk)
+                    except (BrokenPipeError, ValueError):
+                        return
+        threading.Thread(target=feed, daemon=True, name="tagger-pipe").start()
+        try:
+            return soundfile.SoundFile(read_end, closefd=True)
+        except Exception:
+            with contextlib.suppress(OSError):     # unblocks the feeding thread
+                os.close(read_end)
+            raise
+
+    def _headerless(self):
+        probe = self._open_pipe()
+        try:
+            return probe.frames >= self.COUNT_MAX
+        finally:
+            probe.close()
+
+    def _count(self, f):
+        buf = np.empty((1 << 16, self.channels), np.float32)
+        total = 0
+        try:
+            while True:
+                n = len(f.read(out=buf))
+                if not n:
+                    return total
+                total += n
+        finally:
+            f.close()
+
+    def read(self, start, stop):
+        if start != self._position:
+            raise ValueError(f"_SoundfileReader reads in order: asked for {start}, at {self._position}")
+        buf = np.empty((stop - start, self.channels), np.float32)
+        with _soundfile_errors(self.path):
+            got = self._file.read(out=buf)
+        self._position += len(got)
+        return got
+
+    def close(self):
+        self._file.close()
+
+
+class _soundfile_errors(_tfio_errors):
+    """Turns libsndfile's errors about the file into AudioError("not decodable audio (reason)")."""
+
+    def __exit__(self, kind, error, traceback):
+        import soundfile
+        if kind is not None and issubclass(kind, soundfile.LibsndfileError):
+            text = getattr(error, "error_string", None) or str(error)
+            raise AudioError(f"not decodable audio ({_last_line(text, self.path, kind)})") from None
+        return False
+
+
+def _last_line(text, path, kind):
+    text = text.replace(path, "").strip()
+    return (text.splitlines()[-1].strip(" :.") if text else kind.__name__)[:120]
+
+
+READERS = {"tfio": _TfioReader, "soundfile": _SoundfileReader}
+
+
+# ----------------------------------------------------------------------------------------------
+# Streams
 
 class Stream:
     """An open audio file read in blocks of float32 mono samples at `sample_rate`.
@@ -29,21 +243,18 @@ class Stream:
     `len(stream)` is the number of output samples (known before reading: the container's frame
     count, resampled), `info` = {"rate", "channels"} of the file. Iterating yields the blocks in
     order; together they equal `scipy.signal.resample_poly` of the whole mixed-down file.
-    Raises AudioError with a one-line reason, on opening or midway through a corrupt file.
+    `decoder`: "tfio", "soundfile" or "auto"/None (resolve_decoder). Raises AudioError with a one-line
+    reason, on opening or midway through a corrupt file.
     """
 
-    def __init__(self, path, sample_rate=SAMPLE_RATE, block_seconds=BLOCK_SECONDS):
-        quiet_tensorflow()
+    def __init__(self, path, sample_rate=SAMPLE_RATE, block_seconds=BLOCK_SECONDS, decoder=None):
         self.path = path
         if not os.path.exists(path):
             raise AudioError("file not found")
         if os.path.getsize(path) == 0:
             raise AudioError("empty file")
-        import tensorflow_io as tfio
-        with _decoder_errors(path):
-            self._audio = tfio.audio.AudioIOTensor(path)
-            self.frames, channels = (int(d) for d in self._audio.shape.numpy())
-            rate = int(self._audio.rate.numpy())
+        self._reader = READERS[resolve_decoder(decoder)](path)
+        self.frames, channels, rate = self._reader.frames, self._reader.channels, self._reader.rate
         if self.frames <= 0 or channels <= 0 or rate <= 0:
             raise AudioError("no audio samples")
         self.info = {"rate": rate, "channels": channels}
@@ -62,8 +273,7 @@ class Stream:
 
     def _read(self, start, stop):
         """Input samples [start, stop) mixed down to float32, validated."""
-        with _decoder_errors(self.path):
-            samples = self._audio[start:stop].numpy()
+        samples = self._reader.read(start, stop)
         if samples.ndim != 2 or samples.shape[0] != stop - start:
             raise AudioError(f"decoding stopped at {start / self.info['rate']:.1f} s of "
                              f"{self.frames / self.info['rate']:.1f} s (truncated or corrupt)")
@@ -76,54 +286,34 @@ class Stream:
         from scipy.signal import resample_poly
         n, m, up, down = self.frames, self._margin, self._up, self._down
         buf, buf_start, read_to = np.zeros(0, np.float32), 0, 0
-        for s in range(0, n, self._block):
-            e = min(s + self._block, n)
-            need = min(e + m, n)
-            if need > read_to:
-                buf = np.concatenate([buf, self._read(read_to, need)])
-                read_to = need
-            if up == down:
-                y = buf[s - buf_start:e - buf_start]
-            else:
-                a = max(0, s - m)      # a multiple of `down`, like s and m
-                y = resample_poly(buf[a - buf_start:], up, down)
-                first = (s - a) * up // down
-                y = y[first:first + -(-(e - s) * up // down)]
-            yield np.clip(y, -1.0, 1.0).astype(np.float32)
-            keep = max(0, e - m)
-            buf, buf_start = buf[keep - buf_start:], keep
+        try:
+            for s in range(0, n, self._block):
+                e = min(s + self._block, n)
+                need = min(e + m, n)
+                if need > read_to:
+                    buf = np.concatenate([buf, self._read(read_to, need)])
+                    read_to = need
+                if up == down:
+                    y = buf[s - buf_start:e - buf_start]
+                else:
+                    a = max(0, s - m)      # a multiple of `down`, like s and m
+                    y = resample_poly(buf[a - buf_start:], up, down)
+                    first = (s - a) * up // down
+                    y = y[first:first + -(-(e - s) * up // down)]
+                yield np.clip(y, -1.0, 1.0).astype(np.float32)
+                keep = max(0, e - m)
+                buf, buf_start = buf[keep - buf_start:], keep
+        finally:
+            self._reader.close()
 
 
-class _decoder_errors:
-    """Turns tensorflow-io's errors about the file into AudioError("not decodable audio (reason)")."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, tb):
-        import tensorflow as tf
-        # What tensorflow-io raises for a file it cannot read: unknown or unsupported format, corrupt
-        # data, a file that ends early. Other errors (memory, a bug) are not about the file: they go up.
-        unreadable = (tf.errors.InvalidArgumentError, tf.errors.OutOfRangeError, tf.errors.DataLossError,
-                      tf.errors.UnimplementedError, tf.errors.NotFoundError)
-        if kind is not None and issubclass(kind, unreadable):
-            text = re.sub(r"\{\{function_node [^}]*\}\}|\[Op:[^\]]*\]", "", getattr(error, "message", str(error)))
-            text = text.replace(self.path, "").strip()
-            reason = text.splitlines()[-1].strip(" :") if text else kind.__name__
-            raise AudioError(f"not decodable audio ({reason[:120]})") from None
-        return False
-
-
-def decode(path, sample_rate=SAMPLE_RATE):
+def decode(path, sample_rate=SAMPLE_RATE, decoder=None):
     """Decode a whole file to float32 mono in [-1, 1] at `sample_rate`.
 
     Returns (waveform, info) with info = {"rate": original rate, "channels": original channels}.
     Raises AudioError with a one-line reason. For long files iterate over `Stream` instead.
     """
-    stream = Stream(path, sample_rate)
+    stream = Stream(path, sample_rate, decoder=decoder)
     return np.concatenate(list(stream)), stream.info
 
 
@@ -142,7 +332,7 @@ def to_int16(x):
     return np.clip(np.round(np.asarray(x, np.float64) * 32768.0), -32768, 32767).astype(np.int16)
 
 
-def load_clip(path, clip_samples, min_samples, offset=0.0, sample_rate=SAMPLE_RATE):
+def load_clip(path, clip_samples, min_samples, offset=0.0, decoder=None, sample_rate=SAMPLE_RATE):
     """Decode one dataset clip to exactly `clip_samples` int16 samples, trimming or zero-padding.
 
     The clip starts `offset` seconds into the file, or earlier where the file ends before a whole clip
@@ -150,16 +340,18 @@ def load_clip(path, clip_samples, min_samples, offset=0.0, sample_rate=SAMPLE_RA
     clip's end are decoded. Returns (pcm, info) with info["padded"] the number of zeros added. Raises
     AudioError when the file is unusable or shorter than `min_samples`.
     """
-    stream = Stream(path, sample_rate)
+    stream = Stream(path, sample_rate, decoder=decoder)
     if offset == "middle":
         start = max(0, (len(stream) - clip_samples) // 2)
     else:
         start = min(int(round(offset * sample_rate)), max(0, len(stream) - clip_samples))
     blocks, have = [], 0
-    for block in stream:
+    blocks_of = iter(stream)
+    for block in blocks_of:
         blocks.append(block)
         have += len(block)
         if have >= start + clip_samples:
+            blocks_of.close()          # the file is closed now, not when collected
             break
     x = np.concatenate(blocks)[start:start + clip_samples]
     if len(x) < min_samples:

@@ -372,9 +372,12 @@ def machine():
         pass
     import tensorflow as tf
 
+    from tagger import audio
     from tagger.kernels import CPU_16BIT_FLAGS, cpu_flags, onednn_cpu
     gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
+    decoder = audio.decoder_info(audio.resolve_decoder())
     return {"cpu": model, "cores": os.cpu_count(), "gpus": gpus, "tensorflow": tf.__version__,
+            "keras": __import__("keras").__version__, "decoder": f"{decoder['name']} {decoder['version']}",
             "python": platform.python_version(), "onednn": onednn_cpu(),
             "bf16": bool(cpu_flags() & set(CPU_16BIT_FLAGS["mixed_bfloat16"]))}
 
@@ -486,7 +489,8 @@ def summarize(once, runs, peer_runs):
 def table(r):
     m = r["machine"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores{', GPUs: ' + ', '.join(m['gpus']) if m['gpus'] else ''}; "
-             f"TensorFlow {m['tensorflow']}{' with oneDNN' if m['onednn'] else ''}; "
+             f"TensorFlow {m['tensorflow']}{' with oneDNN' if m['onednn'] else ''}"
+             + (f", Keras {m['keras']}, Python {m['python']}, decoder {m['decoder']}" if "decoder" in m else "") + "; "
              f"matmul {r['matmul_gflops']:.0f} GFLOP/s (float32)"
              + (f"; training in {r['precision']} (the peer in float32)"
                 if r.get("precision", "float32") != "float32" else ""), "",

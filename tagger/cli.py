@@ -113,8 +113,29 @@ def main_guard(prog, run, args):
 
 
 def quiet_tensorflow():
-    """Keep TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) off the terminal."""
+    """Import TensorFlow without its C++ start-up chatter (CUDA probing, oneDNN notes) on the terminal.
+
+    TF_CPP_MIN_LOG_LEVEL=3 (unless the user set another level) silences TensorFlow 2.16; later versions
+    log through absl before reading it, so the import runs with the process's stderr sent to a
+    temporary file, shown only if the import fails. Call before the first `import tensorflow`."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" in sys.modules or os.environ["TF_CPP_MIN_LOG_LEVEL"] not in ("2", "3"):
+        return
+    import tempfile
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 class Progress:

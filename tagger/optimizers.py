@@ -5,7 +5,8 @@
   Adam's moments too). Keras 3's own `weight_decay` is decoupled (AdamW's rule: the weights shrink by
   `lr * weight_decay * w` beside the update), a different rule that recipes from PyTorch papers, such as
   Won et al.'s, do not use.
-- Under MirroredStrategy, the loss divided by the number of replicas (`replicas`): see `_replica_mean`.
+- Under MirroredStrategy, the loss divided by the number of replicas (`replicas`) where Keras does not
+  do it itself: see `_replica_mean`.
 - Under mixed_float16, Keras's dynamic loss scaling.
 """
 import keras
@@ -20,12 +21,24 @@ def make_optimizer(phase, weight_decay=0.0, precision="float32", replicas=1):
         cls, kwargs = keras.optimizers.Adam, {}
     if weight_decay:
         cls = _coupled_weight_decay(cls, weight_decay / replicas)
+    divide = replicas > 1 and not keras_divides_by_replicas()
     if precision == "mixed_float16":
         # float16 gradients underflow without loss scaling; Keras adds it only for a model built under a
         # global mixed_float16 policy, and ours sets the policy per layer.
         outer, optimizer = keras.optimizers.LossScaleOptimizer, cls(phase.lr, **kwargs)
-        return (_replica_mean(outer, replicas) if replicas > 1 else outer)(optimizer)
-    return (_replica_mean(cls, replicas) if replicas > 1 else cls)(phase.lr, **kwargs)
+        return (_replica_mean(outer, replicas) if divide else outer)(optimizer)
+    return (_replica_mean(cls, replicas) if divide else cls)(phase.lr, **kwargs)
+
+
+def keras_divides_by_replicas():
+    """True for a Keras that divides each replica's loss by the number of replicas itself (the fix of
+    keras-team/keras#19891 in keras-team/keras#20609, Keras 3.8 and later: its
+    `scale_loss_for_distribution`); False for one that sums the replicas' mean-loss gradients (3.6)."""
+    try:
+        from keras.src.losses import loss
+    except ImportError:
+        return False
+    return hasattr(loss, "scale_loss_for_distribution")
 
 
 def _coupled_weight_decay(optimizer_class, decay):
@@ -51,7 +64,8 @@ def _replica_mean(optimizer_class, replicas):
     under MirroredStrategy every update is `replicas` times too large (keras-team/keras#19891, fixed
     upstream by keras-team/keras#20609). Dividing here makes the update the mean over the global
     batch, as on one device; the logged loss is taken before this scaling and stays the true mean.
-    A Keras with the fix needs this removed: test_mirrored_training_updates_like_one_device fails.
+    Used only where Keras does not divide itself (`keras_divides_by_replicas`); on both,
+    test_mirrored_training_updates_like_one_device compares the update with one device's.
     """
     class ReplicaMean(optimizer_class):
         def scale_loss(self, loss):

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from tagger import files
+from tagger import audio, files
 from tagger.audio import EXTENSIONS, SAMPLE_RATE
 from tagger.cli import (EXIT_FAILED, EXIT_OK, ArgumentParser, UsageError, add_models_dir_flag, main_guard,
                         nonnegative_int, plural, positive_float, positive_int, quiet_tensorflow)
@@ -32,6 +32,7 @@ def parse_args(argv):
                    "folder: a trained run's, or musicnn-mtt, vgg-mtt, musicnn-msd, vgg-msd once converted "
                    "(python -m tagger.convert musicnn WHEEL); default: the newest export there")
     add_models_dir_flag(p)
+    audio.add_decoder_flag(p)
     p.add_argument("--top-k", type=nonnegative_int, default=5, help="tags kept per file and per window, most "
                    "probable first, in every format (0: all; default 5)")
     p.add_argument("--threshold", type=float, help="keep only tags at or above this probability (0-1), in every "
@@ -47,6 +48,10 @@ def parse_args(argv):
     p.add_argument("--plot", metavar="DIR", help="also draw each file's taggram (tags over time) as DIR/NAME.png: "
                    "the --top-k tags, all with --top-k 0")
     args = p.parse_args(argv)
+    try:
+        args.decoder = args.decoder or audio.requested_decoder()
+    except UsageError as e:
+        p.error(str(e))
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         p.error(f"--threshold {args.threshold} must be between 0 and 1")
     for flag, folder in (("--embeddings", args.embeddings), ("--plot", args.plot)):
@@ -94,17 +99,17 @@ def track_windows(blocks, length, window_samples, starts, lead=0):
         yield np.pad(window, (0, window_samples - len(window)))
 
 
-def file_windows(paths, window, hop):
+def file_windows(paths, window, hop, decoder=None):
     """For each file: ("file", path, result) with its duration and window starts, then ("window", path,
     samples) for each window, or ("error", path, (reason, result or None)) where it cannot be decoded
-    (also midway, after its "file")."""
+    (also midway, after its "file"). `decoder`: as tagger.audio.Stream's."""
     from tagger.audio import AudioError, Stream
     from tagger.export import window_starts
 
     for path in paths:
         result = None
         try:
-            stream = Stream(path, SAMPLE_RATE)
+            stream = Stream(path, SAMPLE_RATE, decoder=decoder)
             starts = window_starts(len(stream), window["samples"], hop, window["lead"], window["end_aligned"])
             result = {"path": path, "duration": round(len(stream) / SAMPLE_RATE, 3),
                       "starts": [s / SAMPLE_RATE for s in starts]}
@@ -155,7 +160,7 @@ def ahead(items, size):
         thread.join()
 
 
-def tag_files(paths, serving, window, hop, batch_size, on_error):
+def tag_files(paths, serving, window, hop, batch_size, on_error, decoder=None):
     """Window every file, run the windows through `serving` in batches across files.
 
     `serving(windows)` returns {"probabilities": ..., and optionally "embedding": ...}, one row a window.
@@ -163,7 +168,8 @@ def tag_files(paths, serving, window, hop, batch_size, on_error):
     at most four batches of windows, so memory holds a block and a few batches whatever the tracks'
     lengths. Returns [{"path", "duration", "starts", "window_probabilities", "probabilities"}] (and
     "window_embedding", "embedding" when `serving` gives them; the plain keys are the means over
-    windows) for the files that decoded; `on_error(path, reason)` is called for the others.
+    windows) for the files that decoded; `on_error(path, reason)` is called for the others. `decoder`:
+    as tagger.audio.Stream's.
     """
     import numpy as np
 
@@ -177,7 +183,7 @@ def tag_files(paths, serving, window, hop, batch_size, on_error):
                     result.setdefault(f"window_{key}", []).append(row)
             batch.clear()
 
-    for kind, path, item in ahead(file_windows(paths, window, hop), 4 * batch_size):
+    for kind, path, item in ahead(file_windows(paths, window, hop, decoder), 4 * batch_size):
         if kind == "file":
             current = item
             results.append(current)
@@ -339,6 +345,7 @@ def run(args):
     else:
         model_dir = files.find_export(args.model, args.models_dir)
     audio_files = collect_files(args.paths)
+    decoder = audio.resolve_decoder(args.decoder)
     tags, window, serving = load_tagger(model_dir, embeddings=bool(args.embeddings))
     hop = int(round(args.hop * SAMPLE_RATE)) if args.hop else window["hop"]
     failures = []
@@ -347,7 +354,7 @@ def run(args):
         failures.append(path)
         print(f"{path}: {reason}", file=sys.stderr)
 
-    results = tag_files(audio_files, serving, window, hop, args.batch_size, on_error)
+    results = tag_files(audio_files, serving, window, hop, args.batch_size, on_error, decoder)
     write_output(results, tags, args)
     if args.embeddings and results:
         write_embeddings(results, args.embeddings)

@@ -17,7 +17,7 @@ import sys
 import time
 from collections import Counter
 
-from tagger import files, mtat
+from tagger import audio, files, mtat
 from tagger.cli import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, ArgumentParser, Progress, UsageError, main_guard,
                         nonnegative_float, positive_float, positive_int, quiet_tensorflow)
 
@@ -51,7 +51,12 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="demo audio and the csv source's random split")
     p.add_argument("--plan", action="store_true", help="write plan.tsv and tags.json, and count the planned audio "
                    "files that are missing or empty (listed in missing.tsv; exit status 1 if any); nothing decoded")
+    audio.add_decoder_flag(p)
     args = p.parse_args(argv)
+    try:
+        args.decoder = args.decoder or audio.requested_decoder()
+    except UsageError as e:
+        p.error(str(e))
     if args.source == "mtat" and not args.mtat_dir:
         p.error("--source mtat needs --mtat-dir DIR (the unzipped release with annotations_final.csv)")
     if args.source == "csv" and not (args.csv and args.audio_root):
@@ -177,7 +182,6 @@ def convert(plan, tags, out, audio_root, settings, workers, shard_mb):
     """
     quiet_tensorflow()
     import tensorflow as tf
-    from tagger import audio
     from tagger.pool import run_tasks
 
     gfile = tf.io.gfile
@@ -196,7 +200,8 @@ def convert(plan, tags, out, audio_root, settings, workers, shard_mb):
     tasks, owners = [], []
     for shard_no, (_, _, entries) in enumerate(pending):
         for pos, (_, rel, _) in enumerate(entries):
-            tasks.append((os.path.join(audio_root, rel), clip_samples, min_samples, settings["clip_offset"]))
+            tasks.append((os.path.join(audio_root, rel), clip_samples, min_samples, settings["clip_offset"],
+                          settings["decoder"]))
             owners.append((shard_no, pos))
     results = [{} for _ in pending]
     bar = Progress(len(tasks), "decoding")
@@ -253,7 +258,7 @@ def write_manifest(tf, out, shards, tags, settings):
         "clip_samples": settings["clip_samples"], "clip_offset": settings["clip_offset"], "tags": tags,
         "splits": splits, "padded": padded,
         "skipped": skipped, "tag_counts": tag_counts, "min_samples": settings["min_samples"],
-        "annotations_sha256": settings["annotations_sha256"],
+        "annotations_sha256": settings["annotations_sha256"], "decoder": audio.decoder_info(settings["decoder"]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     files.atomic_write_text(f"{out}/manifest.json", json.dumps(manifest, indent=1))
@@ -277,12 +282,13 @@ def _check_settings(out, settings):
     except tf.errors.OpError as e:
         raise UsageError(f"cannot create the output folder {out} ({e.message}): choose a writable --out") from None
     try:
-        diff = files.recorded_settings_differ(path, settings, {"clip_offset": 0.0})
+        diff = files.recorded_settings_differ(path, settings, {"clip_offset": 0.0, "decoder": "tfio"})
     except tf.errors.OpError as e:
         raise UsageError(f"cannot write to {out} ({e.message}): choose a writable --out") from None
     if diff:
+        hint = " (its decoder is in prepare_settings.json: pass that --decoder to finish it)" if "decoder" in diff else ""
         raise UsageError(f"{out} was prepared with other settings ({', '.join(diff)} differ): use a new "
-                         "--out folder, or delete this one to start over")
+                         f"--out folder, or delete this one to start over{hint}")
 
 
 def _ensure_writable(out):
@@ -362,15 +368,18 @@ def prepare(args):
         raise UsageError(f"audio folder {audio_root} does not exist: point it at the folder holding the audio")
     quiet_tensorflow()
     import tensorflow as tf
+    decoder = audio.resolve_decoder(args.decoder)
     settings = {"source": args.source, "split": args.split, "sample_rate": SAMPLE_RATE,
                 "clip_samples": clip_samples, "clip_offset": args.clip_offset, "min_samples": min_samples,
-                "tags": tags,
+                "tags": tags, "decoder": decoder,
                 "annotations_sha256": _sha256(annotations),
                 "shard_mb": args.shard_mb or (16 if args.source == "demo" else 150)}
     _check_settings(out, settings)
     with tf.io.gfile.GFile(f"{out}/tags.json", "w") as f:
         json.dump(tags, f, indent=1)
     started = time.time()
+    info = audio.decoder_info(decoder)
+    print(f"Decoding with {info['name']} {info['version']}", file=sys.stderr)
     manifest = convert(plan, tags, out, audio_root, settings, args.workers, settings["shard_mb"])
     converted = sum(s["clips"] for s in manifest["splits"].values())
     warn_empty_splits({s: v["clips"] for s, v in manifest["splits"].items()}, "the converted data has")

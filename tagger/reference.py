@@ -61,7 +61,9 @@ def musicnn_patches(path, float16=True):
     import numpy as np
     audio, sr = librosa.load(path, sr=16000)
     rep = librosa.feature.melspectrogram(y=audio, sr=sr, hop_length=256, n_fft=512, n_mels=96).T
-    rep = np.log10(10000 * (rep.astype(np.float16) if float16 else rep) + 1)
+    # musicnn rounds to float16; numpy 1 (musicnn's) then computed 10000 * x in float32, where numpy 2's
+    # promotion rules would stay in float16 and overflow to inf: the float32 is spelled out.
+    rep = np.log10(10000 * (rep.astype(np.float16).astype(np.float32) if float16 else rep) + 1)
     return np.stack([rep[t:t + PATCH_FRAMES] for t in range(0, rep.shape[0] - PATCH_FRAMES + 1, PATCH_FRAMES)])
 
 

@@ -309,7 +309,7 @@ def run(cfg):
             "replicas": replicas, "global_batch_size": global_batch, "learning_rate": lr,
             "sample_rate": manifest["sample_rate"], "clip_samples": manifest["clip_samples"],
             "window": family.layout.windowing(manifest["clip_samples"]),
-            "tags": manifest["tags"], "data": cfg.data, "arch": cfg.arch,
+            "tags": manifest["tags"], "data": cfg.data, "decoder": manifest.get("decoder"), "arch": cfg.arch,
             **provenance(f"{cfg.data}/manifest.json")}
     tf.io.gfile.makedirs(run_dir)
     with tf.io.gfile.GFile(f"{run_dir}/config.json", "w") as f:

@@ -61,7 +61,8 @@ def test_summary_takes_medians_and_ratios_round_by_round():
 
 
 def test_table_reports_ratios_and_missing_values():
-    r = {"machine": {"cpu": "Test CPU", "cores": 2, "gpus": [], "tensorflow": "2.16.2", "onednn": True},
+    r = {"machine": {"cpu": "Test CPU", "cores": 2, "gpus": [], "tensorflow": "2.16.2", "onednn": True,
+                     "keras": "3.6.0", "python": "3.11.7", "decoder": "soundfile 0.14.0"},
          "matmul_gflops": 100.0, "archs": ["cnn", "crnn"],
          "pipeline_sub_clips_clips_per_s": 400.0, "pipeline_sub_clips_shape": "10x46592",
          "pipeline_whole_clip_clips_per_s": 500.0, "pipeline_whole_clip_shape": "466000",
@@ -73,7 +74,8 @@ def test_table_reports_ratios_and_missing_values():
          "crnn_train_batch": [16, 466000], "predict_clips_per_s": 9.0, "predict_family": "crnn",
          "peer": {"cnn_train_clips_per_s": 200.0}, "cnn_train_vs_peer": 1.5}
     text = table(r)
-    assert "Test CPU, 2 cores; TensorFlow 2.16.2 with oneDNN" in text
+    assert ("Test CPU, 2 cores; TensorFlow 2.16.2 with oneDNN, Keras 3.6.0, Python 3.11.7, decoder soundfile 0.14.0; "
+            in text)
     assert "| librosa (resample_poly + melspectrogram + dB) | n/a |" in text
     assert "| pipeline, sub clips (10x46592 per clip) | 400.00 |" in text and "feeds 1.33 x cnn training" in text
     assert "| pipeline, whole clip (466000 per clip) | 500.00 |" in text and "feeds 200 x crnn training" in text

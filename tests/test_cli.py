@@ -149,18 +149,3 @@ def test_epoch_estimate_speaks_once_and_only_for_long_epochs():
         for batch in range(12):
             estimate.on_train_batch_end(batch)
     assert len(said) == 1 and said[0].startswith("Estimated ") and "for the 20 epochs to go" in said[0]
-
-
-def test_only_the_files_problems_become_one_line_reasons(tmp_path):
-    import tensorflow as tf
-
-    from tagger.audio import AudioError, _decoder_errors
-    with pytest.raises(AudioError, match=r"^not decodable audio \(bad header\)$"):
-        with _decoder_errors(str(tmp_path / "x.mp3")):
-            raise tf.errors.InvalidArgumentError(None, None, "bad header")
-    with pytest.raises(tf.errors.ResourceExhaustedError):       # not about the file: goes up as it is
-        with _decoder_errors(str(tmp_path / "x.mp3")):
-            raise tf.errors.ResourceExhaustedError(None, None, "out of memory")
-    with pytest.raises(ValueError):
-        with _decoder_errors(str(tmp_path / "x.mp3")):
-            raise ValueError("a bug")

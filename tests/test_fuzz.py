@@ -4,9 +4,10 @@ good ones. prepare never crashes, converts every good file and lists every damag
 import json
 
 import numpy as np
+import pytest
 import soundfile
 
-from tagger import prepare
+from tagger import audio, prepare
 
 FORMATS = {"wav": "WAV", "flac": "FLAC", "ogg": "OGG", "mp3": "MP3"}
 SECONDS = 2.0
@@ -37,7 +38,10 @@ def _damaged(kind, ext, good, rng):
     raise ValueError(kind)
 
 
-def test_fifty_damaged_files_among_good_ones(tmp_path):
+@pytest.mark.parametrize("decoder", [pytest.param("tfio", marks=pytest.mark.skipif(
+    audio.tfio_problem() is not None, reason=f"tensorflow-io does not load here ({audio.tfio_problem()})")),
+    "soundfile"])
+def test_fifty_damaged_files_among_good_ones(tmp_path, decoder):
     rng = np.random.default_rng(7)
     release, out = tmp_path / "release", tmp_path / "out"
     exts = list(FORMATS)
@@ -59,7 +63,7 @@ def test_fifty_damaged_files_among_good_ones(tmp_path):
     (release / "annotations_final.csv").write_text("\r\n".join(rows) + "\r\n")
 
     status = prepare.main(["--source", "mtat", "--mtat-dir", str(release), "--out", str(out),
-                           "--clip-seconds", str(SECONDS), "--workers", "2"])
+                           "--clip-seconds", str(SECONDS), "--workers", "2", "--decoder", decoder])
     assert status == 0
     manifest = json.loads((out / "manifest.json").read_text())
     converted = sum(s["clips"] for s in manifest["splits"].values())

@@ -10,10 +10,12 @@ import pytest
 import tensorflow as tf
 
 from conftest import ROOT, SHARED_ANNOTATIONS, TINY_SAMPLES, run_cli
-from tagger import data, demo, prepare
+from tagger import audio, data, demo, prepare
 from tagger.pool import run_tasks
 
 FIXTURE_MP3 = os.path.join(ROOT, "tests", "fixtures", "tone.mp3")
+TFIO = pytest.param("tfio", marks=pytest.mark.skipif(
+    audio.tfio_problem() is not None, reason=f"tensorflow-io does not load here ({audio.tfio_problem()})"))
 CLIP_SECONDS = 2.0
 CLIP = 32000
 
@@ -83,10 +85,12 @@ def _prepare(release, out, *extra):
                          "--clip-seconds", str(CLIP_SECONDS), "--workers", "2", *extra])
 
 
-def test_round_trip_and_bad_files(messy_release, tmp_path, capsys):
+@pytest.mark.parametrize("decoder", [TFIO, "soundfile"])
+def test_round_trip_and_bad_files(messy_release, tmp_path, capsys, decoder):
     release, exact, good, bad = messy_release
-    assert _prepare(release, tmp_path / "out") == 0
+    assert _prepare(release, tmp_path / "out", "--decoder", decoder) == 0
     manifest, records = _read_all(tmp_path / "out")
+    assert manifest["decoder"] == audio.decoder_info(decoder)
     by_path = {r[1]: r for r in records.values()}
     assert set(by_path) == set(good)
     np.testing.assert_array_equal(by_path["0/exact.wav"][2], exact)            # bit for bit
@@ -144,9 +148,16 @@ def test_interrupted_run_resumes_without_duplicates(messy_release, tmp_path):
 
 def test_rerun_with_other_settings_is_refused(messy_release, tmp_path, capsys):
     release = messy_release[0]
-    assert _prepare(release, tmp_path / "out") == 0
-    assert _prepare(release, tmp_path / "out", "--split", "clean") == 2
-    assert "other settings" in capsys.readouterr().err
+    assert _prepare(release, tmp_path / "out", "--decoder", "soundfile") == 0
+    assert _prepare(release, tmp_path / "out", "--split", "clean", "--decoder", "soundfile") == 2
+    assert "other settings (split differ)" in capsys.readouterr().err
+    # another decoder does not finish a folder (its samples would mix two decoders' mp3s)
+    status = _prepare(release, tmp_path / "out", "--decoder", "auto")
+    err = capsys.readouterr().err
+    if audio.resolve_decoder("auto") == "soundfile":       # auto is soundfile where tensorflow-io does not load
+        assert status == 0
+    else:
+        assert status == 2 and "other settings (decoder differ)" in err and "pass that --decoder" in err
 
 
 def test_fatal_problems_exit_2_in_one_line(tmp_path):

@@ -47,9 +47,11 @@ def build_crnn(num_tags, clip_samples, gru_units=32, filters=FILTERS, pools=POOL
         # ELU then max pooling, computed in the other order: ELU is strictly increasing, so it
         # commutes with max (same values, same argmax, same gradients) and runs on a tensor 4 to 16
         # times smaller.
+        if x.shape[1] < pool[0] or x.shape[2] < pool[1]:       # (newer Keras refuses to pool to nothing)
+            break
         x = layers.MaxPooling2D(pool, name=f"pool{i}", dtype=precision)(x)
         x = layers.ELU(name=f"elu{i}", dtype=precision)(x)
-    if x.shape[1] != 1 or not x.shape[2]:
+    if i < len(pools) or x.shape[1] != 1 or not x.shape[2]:
         raise DoesNotFit(f"{num_mel_bins} mel bins / {clip_samples} samples do not pool down to one "
                          f"frequency row and at least one time step (got {x.shape[1]} x {x.shape[2]})")
     x = layers.Reshape((x.shape[2], filters[-1]), name="to_sequence", **f32)(x)
