@@ -11,7 +11,6 @@ here goes into a model or a SavedModel: it runs in the converter's worker proces
 Files are read in blocks (`Stream`), mixed down and resampled block by block, so an hour-long
 track never needs more than a block of audio in memory; `decode` joins the blocks of short files.
 """
-import contextlib
 import functools
 import math
 import os
@@ -138,20 +137,24 @@ class _SoundfileReader:
 
     def __init__(self, path):
         import soundfile
-        self.path, self._pipe = path, False
-        with _soundfile_errors(path):
-            self._file = soundfile.SoundFile(path)
-            self.rate, self.channels, self.frames = self._file.samplerate, self._file.channels, self._file.frames
-            if self._file.format == "MP3" and self._headerless():
-                self._file.close()
-                self.frames = self._count(self._open_pipe())
-                self._file = self._open_pipe()
-                self._pipe = True
-            elif self.frames >= self.COUNT_MAX:        # a length libsndfile does not know (an ogg without EOS)
-                self.frames = self._count(self._file)
+        self.path, self._file = path, None
+        try:
+            with _soundfile_errors(path):
                 self._file = soundfile.SoundFile(path)
-            else:
-                self.frames = max(self.frames, self._claimed_frames())
+                self.rate, self.channels, self.frames = self._file.samplerate, self._file.channels, self._file.frames
+                if self._file.format == "MP3" and self._headerless():
+                    self._file.close()
+                    self.frames = self._count(self._open_pipe())
+                    self._file = self._open_pipe()
+                elif self.frames >= self.COUNT_MAX:    # a length libsndfile does not know (an ogg without EOS)
+                    self._file.close()
+                    self.frames = self._count(soundfile.SoundFile(path))
+                    self._file = soundfile.SoundFile(path)
+                else:
+                    self.frames = max(self.frames, self._claimed_frames())
+        except BaseException:
+            self.close()
+            raise
         self._position = 0
 
     def _claimed_frames(self):
@@ -164,24 +167,21 @@ class _SoundfileReader:
         return int(data.group(1)) // int(align.group(1)) if data and align and int(align.group(1)) else 0
 
     def _open_pipe(self):
-        """The file through a pipe fed by a thread: libsndfile then reads to the end of the stream."""
+        """The file through a pipe fed by a thread: libsndfile then reads to the end of the stream. The
+        thread ends when the file is read, or when the reader closes its end (a broken pipe)."""
         import soundfile
         read_end, write_end = os.pipe()
 
         def feed():
-            with open(self.path, "rb") as source, os.fdopen(write_end, "wb") as sink:
-                for chunk in iter(lambda: source.read(1 << 16), b""):
-                    try:
+            try:
+                with os.fdopen(write_end, "wb") as sink, open(self.path, "rb") as source:
+                    for chunk in iter(lambda: source.read(1 << 16), b""):
                         sink.write(chunk)
-                    except (BrokenPipeError, ValueError):
-                        return
+            except (OSError, ValueError):      # the reader closed its end, or the file went away
+                pass
         threading.Thread(target=feed, daemon=True, name="tagger-pipe").start()
-        try:
-            return soundfile.SoundFile(read_end, closefd=True)
-        except Exception:
-            with contextlib.suppress(OSError):     # unblocks the feeding thread
-                os.close(read_end)
-            raise
+        # libsndfile owns the read end from here on, and closes it also when it cannot open the stream.
+        return soundfile.SoundFile(read_end, closefd=True)
 
     def _headerless(self):
         probe = self._open_pipe()
@@ -212,7 +212,8 @@ class _SoundfileReader:
         return got
 
     def close(self):
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 class _soundfile_errors(_tfio_errors):
@@ -256,6 +257,7 @@ class Stream:
         self._reader = READERS[resolve_decoder(decoder)](path)
         self.frames, channels, rate = self._reader.frames, self._reader.channels, self._reader.rate
         if self.frames <= 0 or channels <= 0 or rate <= 0:
+            self._reader.close()
             raise AudioError("no audio samples")
         self.info = {"rate": rate, "channels": channels}
         g = math.gcd(rate, sample_rate)

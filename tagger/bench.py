@@ -10,10 +10,11 @@ stepped by model.fit (from tensors in memory, so the step alone is timed; a shor
 examples are chunks); the default family's exported SavedModel's serving_default. Each stage runs in
 its own process after a warm-up, so its peak resident memory is its own. The stages but predict and
 matmul run in --rounds rounds; with --peer, the peer script (--peer-script: the same families written in
-PyTorch, timed the same way) runs under that interpreter after ours in each round. Speeds are medians over the rounds, ratios
-medians of each round's ratio. With musicnn's wheel (wheels/, or $TAGGER_MUSICNN_WHEEL), soundfile
-and librosa, two more stages per round tag the same 3-minute mp3s with musicnn-mtt, in files per
-second: tagger.predict's path and musicnn's own (tagger.reference). --precision mixed_bfloat16 or
+PyTorch, timed the same way) runs under that interpreter after ours in each round. Speeds are medians
+over the rounds, ratios medians of each round's ratio. With musicnn's wheel (wheels/, or
+$TAGGER_MUSICNN_WHEEL) and librosa, more stages per round tag the same 3-minute mp3s with musicnn-mtt,
+in files per second: tagger.predict's path (with the default decoder, and with soundfile where the
+default is tensorflow-io) and musicnn's own (tagger.reference). --precision mixed_bfloat16 or
 mixed_float16 times the training stages with tagger.train's --precision (the peer stays float32;
 exports are float32 either way). Speed goals live here, never in the tests.
 """
@@ -48,7 +49,7 @@ SIZES = {"pipeline_clips": (96, 40), "pipeline_seconds": (4.0, 1.5), "frontend_s
          "predict_steps": (3, 1), "tracks": (4, 2)}
 TRACK_SECONDS = 180
 STAGES = ("pipeline", "frontend", "librosa", *(f"{name}_train" for name in models.names()), "predict", "matmul",
-          "musicnn_predict", "musicnn_reference")
+          "musicnn_predict", "musicnn_predict_soundfile", "musicnn_reference")
 
 
 def parse_args(argv):
@@ -83,7 +84,16 @@ def _size(name, quick):
 
 
 def peak_rss_mb():
-    """This process's peak resident memory in MB (ru_maxrss counts KiB on Linux, bytes on macOS)."""
+    """This process's peak resident memory in MB: Linux's VmHWM, the high-water mark of this program's
+    own memory (ru_maxrss would start from the parent's resident size at the fork: the driver's,
+    TensorFlow included, in every stage); elsewhere ru_maxrss (KiB, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            hwm = re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.M)
+        if hwm:
+            return round(int(hwm.group(1)) / 1024, 1)
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
@@ -210,7 +220,7 @@ def stage_train(name, quick, precision):
                 ends[-1] - ends[warm[0]] >= _size("train_seconds", quick)):
             model.stop_training = True
 
-    model.fit(ds, steps_per_epoch=100_000, epochs=1, verbose=0,
+    model.fit(ds, steps_per_epoch=100_000, epochs=1, verbose=0, shuffle=False,
               callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=on_batch_end)])
     first = next(i for i, t in enumerate(ends) if i and t - ends[0] >= _size("warmup_seconds", quick))
     steps = len(ends) - 1 - first
@@ -238,7 +248,7 @@ def stage_predict(quick):
 def write_tracks(folder, count):
     """`count` 3-minute mp3s (44.1 kHz stereo, as music comes) of chords and drum hits, and one more for
     the warm-up (as long, so that both sides have met every batch shape they will see): the files both
-    musicnn stages tag. Needs soundfile (requirements-test.txt)."""
+    musicnn stages tag."""
     import numpy as np
     import soundfile as sf
     rng = np.random.default_rng(0)
@@ -264,13 +274,15 @@ def _tracks():
     return paths[-1], paths[:-1]                  # "warmup.mp3" sorts after "trackN.mp3"
 
 
-def stage_musicnn_predict(quick):
-    """tagger.predict's path with musicnn-mtt converted from the wheel: decoding (block by block),
-    resampling, windows batched across files, the SavedModel's tag_windows (front end inside)."""
+def stage_musicnn_predict(quick, decoder=None, key="musicnn_predict"):
+    """tagger.predict's path with musicnn-mtt converted from the wheel: decoding (block by block, with
+    `decoder`: the default, auto, unless given), resampling, windows batched across files, the
+    SavedModel's tag_windows (front end inside)."""
     tracks = _tracks()
     if tracks is None:
-        return {"musicnn_predict_files_per_s": None}
-    from tagger import convert, predict
+        return {f"{key}_files_per_s": None}
+    from tagger import audio, convert, predict
+    decoder = audio.resolve_decoder(decoder)
     warmup, timed = tracks
     with tempfile.TemporaryDirectory(prefix="tagger-bench-") as tmp:
         convert.main(["musicnn", MUSICNN_WHEEL, "--models", "MTT_musicnn", "--models-dir", tmp])
@@ -278,15 +290,21 @@ def stage_musicnn_predict(quick):
         failed = []
 
         def tag(paths):
-            return predict.tag_files(paths, serving, window, window["hop"], 8, lambda p, why: failed.append(why))
+            return predict.tag_files(paths, serving, window, window["hop"], 8, lambda p, why: failed.append(why),
+                                     decoder)
         tag([warmup])
         start = time.perf_counter()
         results = tag(timed)
         seconds = time.perf_counter() - start
     if failed or len(results) != len(timed):
-        raise UsageError(f"musicnn_predict: {failed}")
-    return {"musicnn_predict_files_per_s": len(timed) / seconds,
-            "musicnn_predict_audio_x_realtime": len(timed) * TRACK_SECONDS / seconds}
+        raise UsageError(f"{key}: {failed}")
+    return {f"{key}_files_per_s": len(timed) / seconds, f"{key}_audio_x_realtime": len(timed) * TRACK_SECONDS / seconds,
+            f"{key}_decoder": audio.NAMES[decoder]}
+
+
+def stage_musicnn_predict_soundfile(quick):
+    """The same with the soundfile decoder (where auto is tensorflow-io)."""
+    return stage_musicnn_predict(quick, "soundfile", "musicnn_predict_soundfile")
 
 
 def stage_musicnn_reference(quick):
@@ -325,6 +343,7 @@ def run_stage(name, quick, precision, archs):
     else:
         fn = {"pipeline": lambda q: stage_pipeline(q, archs), "frontend": stage_frontend, "librosa": stage_librosa,
               "predict": stage_predict, "matmul": stage_matmul, "musicnn_predict": stage_musicnn_predict,
+              "musicnn_predict_soundfile": stage_musicnn_predict_soundfile,
               "musicnn_reference": stage_musicnn_reference}[name]
         result = fn(quick)
     result[f"{name}_peak_rss_mb"] = peak_rss_mb()
@@ -385,7 +404,9 @@ def machine():
 def round_stages(archs):
     """Stages run in every round, alternating with the peer, so that each ratio compares runs made in
     the same minutes (these machines' speed drifts by 2 x within an hour); predict and matmul run once."""
-    return ("pipeline", "frontend", "librosa", *(f"{name}_train" for name in archs), "musicnn_predict",
+    from tagger import audio
+    other = ("musicnn_predict_soundfile",) if audio.resolve_decoder() != "soundfile" else ()
+    return ("pipeline", "frontend", "librosa", *(f"{name}_train" for name in archs), "musicnn_predict", *other,
             "musicnn_reference")
 
 
@@ -478,9 +499,10 @@ def summarize(once, runs, peer_runs):
                 results["peer"][f"{name}_train_clips_per_s"] = statistics.median(p[name] for p in peer_runs)
                 results[f"{name}_train_vs_peer"] = statistics.median(
                     ours[f"{name}_train_clips_per_s"] / p[name] for ours, p in zip(runs[f"{name}_train"], peer_runs))
-    if "musicnn_predict" in runs:
-        results["musicnn_predict_vs_reference"] = per_round("musicnn_predict_files_per_s", "musicnn_predict",
-                                                            "musicnn_reference_files_per_s", "musicnn_reference")
+    for stage in ("musicnn_predict", "musicnn_predict_soundfile"):
+        if stage in runs:
+            results[f"{stage}_vs_reference"] = per_round(f"{stage}_files_per_s", stage,
+                                                         "musicnn_reference_files_per_s", "musicnn_reference")
     if results.get("librosa_clips_per_s"):
         results["frontend_vs_librosa"] = per_round("frontend_clips_per_s", "frontend", "librosa_clips_per_s", "librosa")
     return results
@@ -524,9 +546,12 @@ def table(r):
         "predict_peak_rss_mb")
     lines += ["", "| tagging 3-minute mp3s with musicnn-mtt | files/s | x real time | peak RSS (MB) | note |",
               "|---|---:|---:|---:|---|"]
+    stages = [(f"tagger.predict ({r.get('musicnn_predict_decoder', 'auto')})", "musicnn_predict"),
+              *([("tagger.predict (soundfile)", "musicnn_predict_soundfile")]
+                if r.get("musicnn_predict_soundfile_files_per_s") else [])]
     for label, stage, note in (
-            ("tagger.predict", "musicnn_predict", f"{r['musicnn_predict_vs_reference']:.2f} x musicnn's own path"
-             if r.get("musicnn_predict_vs_reference") else r.get("musicnn_note", "")),
+            *((label, stage, f"{r[stage + '_vs_reference']:.2f} x musicnn's own path"
+               if r.get(stage + "_vs_reference") else r.get("musicnn_note", "")) for label, stage in stages),
             ("musicnn's own path (librosa, float16, TF1 graph)", "musicnn_reference", "")):
         files_per_s, realtime = r.get(f"{stage}_files_per_s"), r.get(f"{stage}_audio_x_realtime")
         lines.append(f"| {label} | {'n/a' if files_per_s is None else f'{files_per_s:.3f}'} | "

@@ -3,7 +3,9 @@
 Nothing here imports TensorFlow, so a command checks its arguments in a fraction of a second.
 """
 import argparse
+import math
 import os
+import re
 import sys
 import time
 
@@ -20,7 +22,7 @@ def models_dir_default():
 def add_models_dir_flag(parser):
     parser.add_argument("--models-dir", default=models_dir_default(), metavar="DIR",
                         help=f"the models folder: exports are written there and model names looked up there "
-                        f"(default: ${MODELS_DIR_ENV}, else saved_models; now {models_dir_default()})")
+                        f"(default: ${MODELS_DIR_ENV}, else saved_models; now {models_dir_default()})".replace("%", "%%"))
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -28,10 +30,11 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or not action.option_strings or action.default is argparse.SUPPRESS or isinstance(
-                action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction)):
+        if ("default" in text or not action.option_strings or action.required or action.default is argparse.SUPPRESS
+                or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction))):
             return text
-        return text + f" (default: {'none' if action.default is None else action.default})"
+        shown = "none" if action.default is None else str(action.default).replace("%", "%%")
+        return text + f" (default: {shown})"
 
 
 class UsageError(Exception):
@@ -71,28 +74,28 @@ def nonnegative_int(text):
 
 
 def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _finite(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a (finite) number")
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{value} must be greater than 0")
     return value
 
 
 def nonnegative_float(text):
-    value = float(text) if _is_float(text) else None
+    value = _finite(text)
     if value is None or value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a number, 0 or more")
     return value
 
 
-def _is_float(text):
+def _finite(text):
+    """float(text) when it is a finite number, else None (not nan or inf)."""
     try:
-        float(text)
-        return True
+        value = float(text)
     except ValueError:
-        return False
+        return None
+    return value if math.isfinite(value) else None
 
 
 def plural(n, word, words=None):
@@ -112,30 +115,44 @@ def main_guard(prog, run, args):
         return 130
 
 
+# The info and warning lines TensorFlow's C++ side writes while it is imported: absl's (TF 2.17 and later),
+# and TensorFlow's own format (2.16, where TF_CPP_MIN_LOG_LEVEL silences them).
+TF_NOISE = re.compile(rb"WARNING: All log messages before absl::InitializeLog\(\)|[IW]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ "
+                      rb"\S+:\d+\] |\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IW] ")
+
+
 def quiet_tensorflow():
     """Import TensorFlow without its C++ start-up chatter (CUDA probing, oneDNN notes) on the terminal.
 
     TF_CPP_MIN_LOG_LEVEL=3 (unless the user set another level) silences TensorFlow 2.16; later versions
-    log through absl before reading it, so the import runs with the process's stderr sent to a
-    temporary file, shown only if the import fails. Call before the first `import tensorflow`."""
+    log through absl before reading it, so the import runs with the process's stderr passed through a
+    filter that drops absl's and TensorFlow's info and warning lines and keeps everything else (errors,
+    Python's warnings, the reason of a failed import). Call before the first `import tensorflow`."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if "tensorflow" in sys.modules or os.environ["TF_CPP_MIN_LOG_LEVEL"] not in ("2", "3"):
         return
-    import tempfile
+    import importlib
+    import threading
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            import tensorflow  # noqa: F401
-        except BaseException:
-            os.dup2(saved, 2)
-            captured.seek(0)
-            sys.stderr.write(captured.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+    read_end, write_end = os.pipe()
+
+    def forward():
+        with os.fdopen(read_end, "rb") as lines:
+            for line in lines:
+                if not TF_NOISE.match(line):
+                    os.write(saved, line)
+    thread = threading.Thread(target=forward, daemon=True, name="tagger-stderr")
+    thread.start()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    try:
+        importlib.import_module("tensorflow")
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)              # the pipe's last write end closes: the filter reads to its end
+        thread.join(timeout=5)
+        os.close(saved)
 
 
 class Progress:

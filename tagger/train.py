@@ -110,10 +110,12 @@ def provenance(manifest_path):
     import numpy as np
     import sklearn
     import tensorflow as tf
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
+    source = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:                   # the commit of the clone tagger runs from (none for an installed copy)
+        top, commit = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+                                     text=True, timeout=5, cwd=source).stdout.split() or (None, None)
+        commit = commit if top and os.path.realpath(top) == os.path.realpath(source) else None
+    except (OSError, subprocess.SubprocessError, ValueError):
         commit = None
     with tf.io.gfile.GFile(manifest_path, "rb") as f:
         manifest_sha = hashlib.sha256(f.read()).hexdigest()
@@ -345,7 +347,7 @@ def run(cfg):
         train_ds = data.training_dataset(cfg.data, layout, global_batch, manifest, input_shape, cfg.seed, first,
                                          cfg.shuffle_buffer)
         model.fit(train_ds, validation_data=valid_ds, epochs=end, initial_epoch=first,
-                  steps_per_epoch=steps, verbose=1 if sys.stdout.isatty() else 2,
+                  steps_per_epoch=steps, verbose=1 if sys.stdout.isatty() else 2, shuffle=False,  # tagger.data shuffles
                   callbacks=[board, checkpoint, guard, *watch])
         previous = phase
     train_seconds = checkpoint.train_seconds

@@ -61,7 +61,7 @@ def _without_info_frame(src, dst):
         first = first if first is not None else (at, size)
         frames.append(1152 if mpeg1 else 576)
         at += size
-    assert first == (0, first[1]) and b"Info" in data[:first[1]] or b"Xing" in data[:first[1]]
+    assert first[0] == 0 and (b"Info" in data[:first[1]] or b"Xing" in data[:first[1]])
     open(dst, "wb").write(data[first[1]:])
     return len(frames) - 1, frames[0]
 

@@ -32,7 +32,10 @@ def test_summary_takes_medians_and_ratios_round_by_round():
         "crnn_train": _round("crnn_train", "crnn_train", (4.0, 8.0, 5.0), (3600.0, 3700.0, 3650.0),
                              crnn_forward_flops_per_clip=6e9),
         "musicnn_predict": [{"musicnn_predict_files_per_s": v, "musicnn_predict_audio_x_realtime": 180 * v,
-                             "musicnn_predict_peak_rss_mb": 900.0} for v in (0.5, 0.4, 0.3)],
+                             "musicnn_predict_peak_rss_mb": 900.0, "musicnn_predict_decoder": "tensorflow-io"}
+                            for v in (0.5, 0.4, 0.3)],
+        "musicnn_predict_soundfile": [{"musicnn_predict_soundfile_files_per_s": v,
+                                       "musicnn_predict_soundfile_decoder": "soundfile"} for v in (0.6, 0.6, 0.2)],
         "musicnn_reference": [{"musicnn_reference_files_per_s": v, "musicnn_reference_audio_x_realtime": 180 * v,
                                "musicnn_reference_peak_rss_mb": 800.0} for v in (0.25, 0.4, 0.1)],
     }
@@ -52,6 +55,8 @@ def test_summary_takes_medians_and_ratios_round_by_round():
     assert r["musicnn_predict_vs_reference"] == 2.0     # rounds 2, 1, 3; of medians: 0.4 / 0.25 = 1.6
     assert r["musicnn_predict_files_per_s"] == 0.4 and r["musicnn_predict_runs"] == [0.5, 0.4, 0.3]
     assert r["musicnn_reference_audio_x_realtime"] == 180 * 0.25
+    assert r["musicnn_predict_soundfile_vs_reference"] == 2.0       # rounds 2.4, 1.5, 2
+    assert r["musicnn_predict_decoder"] == "tensorflow-io"
     missing = {**runs, "librosa": [{"librosa_clips_per_s": None, "librosa_note": "not installed"}]}
     r = summarize({}, missing, [])
     assert r["librosa_clips_per_s"] is None and "frontend_vs_librosa" not in r and "peer" not in r
@@ -83,11 +88,13 @@ def test_table_reports_ratios_and_missing_values():
     assert "1.50 x PyTorch (200.00 examples/s)" in text and text.count("x PyTorch") == 1
     assert "predict, exported crnn" in text and "precision" not in text
     missing = table({**r, "musicnn_note": "soundfile not installed"})
-    assert "| tagger.predict | n/a |  |  | soundfile not installed |" in missing
+    assert "| tagger.predict (auto) | n/a |  |  | soundfile not installed |" in missing
     both = table({**r, "musicnn_predict_files_per_s": 0.5, "musicnn_predict_audio_x_realtime": 90.0,
                   "musicnn_predict_peak_rss_mb": 900.0, "musicnn_reference_files_per_s": 0.25,
-                  "musicnn_predict_vs_reference": 2.0})
-    assert "| tagger.predict | 0.500 | 90 | 900.0 | 2.00 x musicnn's own path |" in both
+                  "musicnn_predict_vs_reference": 2.0, "musicnn_predict_decoder": "tensorflow-io",
+                  "musicnn_predict_soundfile_files_per_s": 0.6, "musicnn_predict_soundfile_vs_reference": 2.4})
+    assert "| tagger.predict (tensorflow-io) | 0.500 | 90 | 900.0 | 2.00 x musicnn's own path |" in both
+    assert "| tagger.predict (soundfile) | 0.600 |  |  | 2.40 x musicnn's own path |" in both
     assert "| musicnn's own path (librosa, float16, TF1 graph) | 0.250 |  |  |  |" in both
     assert "training in mixed_bfloat16 (the peer in float32)" in table({**r, "precision": "mixed_bfloat16"})
 

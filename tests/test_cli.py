@@ -15,6 +15,9 @@ import pytest
 from conftest import ROOT
 from tagger.cli import Progress, plural
 
+# The flags that have no default value (an output not written, a filter not applied, a start not given).
+NO_DEFAULT = {"--json", "--peer", "--embeddings", "--plot", "--threshold", "--audio-root", "--csv", "--mtat-dir",
+              "--freeze", "--init", "--stop-after"}
 COMMANDS = ("tagger.train", "tagger.predict", "tagger.evaluate", "tagger.prepare", "tagger.experiments",
             "tagger.bench", "tagger.convert", "tuning.search")
 
@@ -48,6 +51,8 @@ def test_every_flag_has_a_help_line_that_shows_its_default(module, monkeypatch):
             if not isinstance(action, argparse._StoreTrueAction) and not action.required:
                 shown = formatter._get_help_string(action)
                 assert "default" in shown, f"{parser.prog} {action.option_strings[0]}: {shown}"
+                # "none" only where there is no default: not where a preset or a rule applies
+                assert not shown.endswith("(default: none)") or action.option_strings[0] in NO_DEFAULT, shown
     sub = ["zoo"] if module == "tagger.experiments" else []
     text = subprocess.run([sys.executable, "-m", module, *sub, "--help"], capture_output=True, text=True,
                           cwd=ROOT).stdout
@@ -112,6 +117,29 @@ def test_the_package_installs_and_runs_from_any_folder(crnn_run, tmp_path):
     assert r.returncode == 2 and f"in {crnn_run[0] / 'models'}/ (there: crnn)" in r.stderr, r.stderr
 
 
+def test_an_installed_copy_runs_without_the_clone(tmp_path):
+    """pip install (not editable) puts a copy that needs nothing of the clone: its commands answer from
+    another folder, and a run records no commit (the copy is no clone's)."""
+    target = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), ROOT],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": str(target)}
+    code = ("import sys, tagger.train as t; print(t.__file__); "
+            "print(t.provenance(sys.argv[1])['git_commit'])")
+    r = subprocess.run([sys.executable, "-c", code, __file__], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    where, commit = r.stdout.split()
+    assert where.startswith(str(target)) and commit == "None"
+    r = subprocess.run([sys.executable, "-m", "tagger.predict", "--help"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and "--models-dir DIR" in r.stdout
+    r = subprocess.run([sys.executable, "-c", code, __file__], cwd=ROOT, capture_output=True, text=True,
+                       env={**env, "PYTHONPATH": ROOT})                 # from the clone: its commit
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert r.stdout.split()[1] == head, r.stderr[-2000:]
+
+
 def test_progress_estimates_only_after_a_few_items():
     out = io.StringIO()
     bar = Progress(10, "decoding", stream=out, every=0)
@@ -149,3 +177,20 @@ def test_epoch_estimate_speaks_once_and_only_for_long_epochs():
         for batch in range(12):
             estimate.on_train_batch_end(batch)
     assert len(said) == 1 and said[0].startswith("Estimated ") and "for the 20 epochs to go" in said[0]
+
+
+def test_tensorflows_import_chatter_is_dropped_and_nothing_else():
+    from tagger.cli import TF_NOISE
+    noise = [b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
+             b"I0000 00:00:1796005522.469864   14096 port.cc:153] oneDNN custom operations are on.\n",
+             b"W0000 00:00:1796005522.471939   14096 cudart_stub.cc:31] Could not find cuda drivers\n",
+             b"2026-11-30 01:01:25.962367: I tensorflow/core/util/port.cc:113] oneDNN custom operations are on.\n"]
+    kept = [b"E0000 00:00:1796003527.900511    3500 cuda_platform.cc:52] failed call to cuInit\n",
+            b"2026-11-30 01:01:26.263467: E external/local_xla/xla/stream_executor/cuda/cuda_fft.cc:479] Unable\n",
+            b"Traceback (most recent call last):\n", b"ImportError: libcudart.so.12: cannot open shared object\n",
+            b"python -m tagger.train: error: --data x is not a TFRecords folder\n"]
+    assert all(TF_NOISE.match(line) for line in noise) and not any(TF_NOISE.match(line) for line in kept)
+    r = subprocess.run([sys.executable, "-c", "from tagger.cli import quiet_tensorflow; quiet_tensorflow(); "
+                        "import sys; sys.stderr.write('after\\n')"], capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"} | {"PYTHONPATH": ROOT})
+    assert r.returncode == 0 and r.stderr == "after\n", r.stderr

@@ -264,7 +264,7 @@ def run(parsed):
     valid_ds = data.dataset(config.data, "valid", layout, config.batch_size, manifest, input_shape=model.input_shape)
     tuner.search(train_ds, validation_data=valid_ds, epochs=config.epochs,
                  steps_per_epoch=data.steps_per_epoch(manifest, "train", config.batch_size),
-                 verbose=1 if sys.stdout.isatty() else 2,
+                 verbose=1 if sys.stdout.isatty() else 2, shuffle=False,        # tagger.data shuffles
                  callbacks=[keras.callbacks.TensorBoard(f"{out}/tensorboard", update_freq="epoch", profile_batch=0),
                             keras.callbacks.TerminateOnNaN()])
     if not chief:
