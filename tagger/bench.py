@@ -49,7 +49,7 @@ SIZES = {"pipeline_clips": (96, 40), "pipeline_seconds": (4.0, 1.5), "frontend_s
          "predict_steps": (3, 1), "tracks": (4, 2)}
 TRACK_SECONDS = 180
 STAGES = ("pipeline", "frontend", "librosa", *(f"{name}_train" for name in models.names()), "predict", "matmul",
-          "musicnn_predict", "musicnn_predict_soundfile", "musicnn_reference")
+          "bootstrap", "musicnn_predict", "musicnn_predict_soundfile", "musicnn_reference")
 
 
 def parse_args(argv):
@@ -336,13 +336,29 @@ def stage_matmul(quick):
     return {"matmul_gflops": 2 * n ** 3 / seconds / 1e9}
 
 
+def stage_bootstrap(quick):
+    """tagger.evaluate's bootstrap on MTAT's test shape: 5,329 clips in 100 artists, 50 tags, every figure
+    (ROC-AUC, PR-AUC, F1 at thresholds) on 1000 resamples (quick: 100)."""
+    import numpy as np
+
+    from tagger import decisions
+    rng = np.random.default_rng(0)
+    clips, resamples = 5329, 100 if quick else 1000
+    y = (rng.random((clips, NUM_TAGS)) < 0.06).astype(np.uint8)
+    p = rng.random((clips, NUM_TAGS)).astype(np.float32)
+    start = time.perf_counter()
+    decisions.bootstrap(y, p, rng.integers(0, 100, clips), resamples, thresholds=np.full(NUM_TAGS, 0.5))
+    return {"bootstrap_seconds": time.perf_counter() - start, "bootstrap_resamples": resamples}
+
+
 def run_stage(name, quick, precision, archs):
     quiet_tensorflow()
     if name.endswith("_train"):
         result = stage_train(name[:-len("_train")], quick, precision)
     else:
         fn = {"pipeline": lambda q: stage_pipeline(q, archs), "frontend": stage_frontend, "librosa": stage_librosa,
-              "predict": stage_predict, "matmul": stage_matmul, "musicnn_predict": stage_musicnn_predict,
+              "predict": stage_predict, "matmul": stage_matmul, "bootstrap": stage_bootstrap,
+              "musicnn_predict": stage_musicnn_predict,
               "musicnn_predict_soundfile": stage_musicnn_predict_soundfile,
               "musicnn_reference": stage_musicnn_reference}[name]
         result = fn(quick)
@@ -403,7 +419,8 @@ def machine():
 
 def round_stages(archs):
     """Stages run in every round, alternating with the peer, so that each ratio compares runs made in
-    the same minutes (these machines' speed drifts by 2 x within an hour); predict and matmul run once."""
+    the same minutes (these machines' speed drifts by 2 x within an hour); predict, matmul and bootstrap
+    run once."""
     from tagger import audio
     other = ("musicnn_predict_soundfile",) if audio.resolve_decoder() != "soundfile" else ()
     return ("pipeline", "frontend", "librosa", *(f"{name}_train" for name in archs), "musicnn_predict", *other,
@@ -432,7 +449,7 @@ def run(args):
     print(f"Benchmark ({'quick' if quick else 'full'}, {plural(rounds, 'round')}"
           + (f" alternating with {args.peer}" if args.peer else "") + "):", file=sys.stderr)
     once = {}
-    for name in ("predict", "matmul"):
+    for name in ("predict", "matmul", "bootstrap"):
         once.update(our_stage(name, quick, args.precision, args.archs))
     runs, peer_runs = {name: [] for name in round_stages(args.archs)}, []
     with tempfile.TemporaryDirectory(prefix="tagger-bench-tracks-") as tracks:
@@ -557,6 +574,10 @@ def table(r):
         lines.append(f"| {label} | {'n/a' if files_per_s is None else f'{files_per_s:.3f}'} | "
                      f"{'' if realtime is None else f'{realtime:.0f}'} | {r.get(stage + '_peak_rss_mb', '')} | "
                      f"{note} |")
+    if r.get("bootstrap_seconds") is not None:
+        lines += ["", f"Bootstrap intervals of every test figure (tagger.evaluate) on MTAT's test shape, 5,329 clips "
+                  f"and 50 tags, {r['bootstrap_resamples']} resamples: {r['bootstrap_seconds']:.1f} s, peak RSS "
+                  f"{r.get('bootstrap_peak_rss_mb', '?')} MB"]
     return "\n".join(lines)
 
 

@@ -42,6 +42,7 @@ class Config:
     stop_after: int = 0         # stop (resumably) once this epoch is done, before --epochs; 0: never
     init: str = ""              # an export whose weights the run starts from (tagger.finetune)
     freeze: str = ""            # "body": train the output layer alone
+    threshold_rule: str = "f1"  # how each tag's threshold is chosen on the valid split (tagger.decisions)
     demo: bool = False
     options: tuple = ()         # the family's own settings, ((name, value), ...) in its order
 
@@ -65,6 +66,7 @@ class Config:
         schedule = f"-{self.schedule.replace(':', '').replace(',', '-')}" if self.schedule != "constant" else ""
         decay = f"-wd{self.weight_decay:g}" if self.weight_decay else ""
         best = "-best" if self.restore_best else ""
+        best += f"-thr{self.threshold_rule.replace(':', '')}" if self.threshold_rule != "f1" else ""
         best += (f"-from-{os.path.basename(self.init.rstrip('/'))}" if self.init else "") + (
             f"-frozen{self.freeze}" if self.freeze else "")
         mirrored = (f"-mirrored{self.devices or ''}" + ("-scaledlr" if self.scale_lr else "")

@@ -80,16 +80,18 @@ def steps_per_epoch(manifest, split, batch_size):
     return -(-manifest["splits"][split]["clips"] // batch_size)
 
 
-def dataset(data_dir, split, layout, batch_size, manifest=None, input_shape=None):
+def dataset(data_dir, split, layout, batch_size, manifest=None, input_shape=None, with_ids=False):
     """Batches of (model inputs, labels) of one split in file order, as evaluation reads them (no
     randomness): each clip arranged by the family's layout (`tagger.models.family`) for a model of
-    input shape `input_shape` (`model.input_shape`, which some layouts need)."""
+    input shape `input_shape` (`model.input_shape`, which some layouts need). `with_ids`: (model
+    inputs, labels, clip ids, paths)."""
     manifest = manifest or load_manifest(data_dir)
     num_tags, clip_samples = len(manifest["tags"]), manifest["clip_samples"]
 
     def prepare(serialized):
-        pcm, labels, _, _ = parse_example(serialized, num_tags, clip_samples)
-        return layout.model_input(scale(pcm), input_shape), labels
+        pcm, labels, clip_id, path = parse_example(serialized, num_tags, clip_samples)
+        inputs = layout.model_input(scale(pcm), input_shape)
+        return (inputs, labels, clip_id, path) if with_ids else (inputs, labels)
 
     ds = _records(data_dir, manifest, split).map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
     # The manifest knows the clip count: a known length gives Keras its progress bar and epoch end.

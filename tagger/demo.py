@@ -7,6 +7,7 @@ timbres, each present or not at random, a tempo (fast, slow or neither) and a lo
 or neither), all drawn independently. A model trained on it knows only these synthetic sounds.
 """
 import os
+import re
 import wave
 
 import numpy as np
@@ -150,6 +151,20 @@ def _write_wav(path, x, sr, channels=1):
         f.setsampwidth(2)
         f.setframerate(sr)
         f.writeframes(pcm.tobytes())
+
+
+CLIP_NAME = re.compile(r"[0-9a-f]/demo-\d{5,}\.wav")
+
+
+def artist(path):
+    """A demo clip's synthetic artist: its own file name without the extension ("demo-00001"), so every
+    clip is by an artist of its own."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def is_demo_release(paths):
+    """True where every path is a demo clip's (<part>/demo-NNNNN.wav), as write_demo names them."""
+    return all(CLIP_NAME.fullmatch(p) for p in paths)
 
 
 def make_clip(root, seed, clip_id, rel, clip_samples=CLIP_SAMPLES):

@@ -3,13 +3,15 @@
     python -m tagger.experiments table2 [--data DIR] [--runs 5] [--epochs N] [training flags]
     python -m tagger.experiments repeat --arch crnn [--runs 5] [--data DIR] [training flags]
     python -m tagger.experiments zoo [--archs cnn,crnn,...] [--runs 3] [--data DIR] [training flags]
-    python -m tagger.experiments compare NAME_OR_PATH NAME_OR_PATH
+    python -m tagger.experiments compare NAME_OR_PATH NAME_OR_PATH [--bootstrap 1000]
 
 table2: the CNN at the five length/stride pairs, N seeds each; test ROC-AUC and PR-AUC mean ± std
 per pair (the study's Table II). repeat: one configuration over N seeds (the headline figure). zoo:
 every registered family (or those of --archs) with its own presets, N seeds each: parameters, FLOPs
 per clip, test ROC-AUC and PR-AUC mean ± std, training time and speed in one table. compare: per-tag
-test ROC-AUC of two exports side by side with each tag's train count (Fig. 5). The runs are
+test ROC-AUC of two exports side by side with each tag's train count (Fig. 5), and a paired bootstrap
+of their saved test predictions (eval-test/predictions.npz): the difference of macro ROC-AUC and
+PR-AUC, its 95 % interval and the share of resamples in which the first is ahead. The runs are
 ordinary tagger.train runs (runs/<name>/, saved_models/<name>/), named from their settings and seed;
 a run whose export already exists with the same settings is reused. Any flag of tagger.train (--lr,
 --optimizer, --batch-size, --width, ...) passes through to every run.
@@ -52,6 +54,9 @@ def parse_args(argv):
     c.error = p.error
     c.add_argument("models", nargs=2, metavar="MODEL", help="two exports: folders, or names in the models folder")
     c.add_argument("--out", help="folder for the chart and table (default: runs/compare/A-vs-B)")
+    c.add_argument("--bootstrap", type=positive_int, default=1000, metavar="N",
+                   help="paired resamples (of artists where the test data names them, else of clips)")
+    c.add_argument("--seed", type=int, default=0, help="seeds the bootstrap")
     add_models_dir_flag(c)
     args, rest = p.parse_known_args(argv)
     if args.command == "compare":
@@ -289,8 +294,54 @@ def compare(args):
     wins = sum(1 for t in tags if None not in (tags_a[t]["roc_auc"], tags_b[t]["roc_auc"])
                and tags_b[t]["roc_auc"] > tags_a[t]["roc_auc"])
     print(f"{name_b} beats {name_a} on {wins} of {len(tags)} tags")
-    print(f"Wrote {out}/per_tag.csv and {out}/per_tag.png")
+    written = paired_bootstrap(a, b, name_a, name_b, out, args.bootstrap, args.seed)
+    print(f"Wrote {out}/per_tag.csv, {out}/per_tag.png" + (f" and {written}" if written else ""))
     return EXIT_OK
+
+
+def paired_bootstrap(a, b, name_a, name_b, out, resamples, seed):
+    """The paired bootstrap of two exports' saved test predictions: both scored on the same resamples.
+    Prints and writes paired.json; returns its path (None where a model has no saved predictions)."""
+    import numpy as np
+
+    from tagger import decisions, evaluate
+    pa, pb = (evaluate.load_predictions(f"{m}/eval-test/{evaluate.PREDICTIONS}") for m in (a, b))
+    for folder, pred in ((a, pa), (b, pb)):
+        if pred is None:
+            print(f"No paired bootstrap: {folder} has no saved test predictions (eval-test/{evaluate.PREDICTIONS}): "
+                  f"python -m tagger.evaluate --model {folder} writes them")
+            return None
+    if len(pa["clip_id"]) != len(pb["clip_id"]) or set(pa["clip_id"].tolist()) != set(pb["clip_id"].tolist()):
+        raise UsageError(f"{a} and {b} were evaluated on different test clips ({pa['data']}, {pb['data']}): "
+                         "evaluate both on the same --data with python -m tagger.evaluate")
+    if pa["tags"] != pb["tags"]:
+        raise UsageError(f"{a} and {b} were evaluated on different tags: evaluate both with the same --tag-map")
+    where = {c: i for i, c in enumerate(pb["clip_id"].tolist())}
+    order = np.array([where[c] for c in pa["clip_id"].tolist()])
+    y, groups = pa["labels"], pa["group"]
+    if not np.array_equal(pb["labels"][order], y):
+        raise UsageError(f"{a} and {b} were evaluated on test clips with different labels: evaluate both on the "
+                         "same --data")
+    boot = decisions.bootstrap(y, pa["probabilities"], groups, resamples, seed, extra=[pb["probabilities"][order]])
+    ones = np.ones((1, len(y)))
+    point_a = decisions.figures(ones, y, pa["probabilities"])
+    point_b = decisions.figures(ones, y, pb["probabilities"][order])
+    unit = str(pa["unit"])
+    result = {"a": a, "b": b, "resamples": resamples, "seed": seed, "unit": unit,
+              "groups": int(len(set(groups.tolist()))), "clips": int(len(y))}
+    print(f"Paired bootstrap over {resamples} resamples of {result['groups']} {unit}s ({len(y)} test clips):")
+    for key, name in (("roc_auc", "ROC-AUC"), ("pr_auc", "PR-AUC")):
+        va, vb = (float(decisions.macro(point[key])[0]) for point in (point_a, point_b))
+        diff = boot[f"macro_{key}"] - boot["extra"][0][f"macro_{key}"]
+        diff = diff[np.isfinite(diff)]
+        low, high = decisions.interval(diff)
+        share = float(np.mean(diff > 0))
+        result[key] = {"a": va, "b": vb, "difference": va - vb, "interval": [low, high],
+                       "share_of_resamples_a_ahead": share}
+        print(f"  macro {name}: {name_a} {va:.4f}, {name_b} {vb:.4f}; difference {va - vb:+.4f} "
+              f"[95 % interval {low:+.4f}, {high:+.4f}]; the share of resamples in which {name_a} is ahead: {share:.3f}")
+    files.write_text(f"{out}/paired.json", json.dumps(result, indent=1))
+    return f"{out}/paired.json"
 
 
 def run(parsed):

@@ -18,6 +18,9 @@
   model's penultimate features (its family's `embedding` layer) pooled over each window's pieces, and
   the window's probabilities as `tag_windows` gives them, from one pass.
 - `tag_names`: no input -> {"tags": (num_tags,) string}, the output order.
+- `decide` (exports with per-tag thresholds, thresholds.json): waveforms as `serving_default` ->
+  {"decisions": (batch, num_tags) bool, probability at or above the tag's threshold; "probabilities";
+  "thresholds": (num_tags,), +inf for a tag without one (never decided)}.
 """
 import contextlib
 import io
@@ -53,9 +56,10 @@ def window_starts(num_samples, window_samples, hop, lead=0, end_aligned=True):
     return starts
 
 
-def serving_functions(model, layout, clip_samples, tags, embedding=None):
+def serving_functions(model, layout, clip_samples, tags, embedding=None, thresholds=None):
     """The tf.functions the export serves, closed over the Keras model and the family's layout;
-    `embedding` names the layer of the `embed` signature."""
+    `embedding` names the layer of the `embed` signature; `thresholds` (per tag, +inf for none) makes
+    the `decide` signature."""
     windowing = layout.windowing(clip_samples)
     window, lead = windowing["samples"], windowing["lead"]
 
@@ -101,6 +105,15 @@ def serving_functions(model, layout, clip_samples, tags, embedding=None):
         return {"tags": tag_constant}
 
     functions = {"serving_default": serve, "tag_track": tag_track, "tag_windows": tag_windows, "tag_names": tag_names}
+    if thresholds is not None:
+        cut = tf.constant(thresholds, tf.float32)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, clip_samples], tf.float32, name="waveform")])
+        def decide(waveform):
+            probabilities = serve(waveform)["probabilities"]
+            return {"decisions": probabilities >= cut, "probabilities": probabilities, "thresholds": cut}
+
+        functions["decide"] = decide
     if embedding:
         from tagger.models.layers import embedding_model
         embedder = embedding_model(model, embedding, layout, with_probabilities=True)
@@ -114,9 +127,10 @@ def serving_functions(model, layout, clip_samples, tags, embedding=None):
     return functions
 
 
-def export(model, layout, out_dir, tags, clip_samples, files, embedding=None):
+def export(model, layout, out_dir, tags, clip_samples, files, embedding=None, thresholds=None):
     """Write the export to `out_dir` via a temporary folder, so nothing half-written is ever picked
-    up. `files`: {name: json-able} written beside the SavedModel.
+    up. `files`: {name: json-able} written beside the SavedModel; `thresholds`: per tag (+inf for
+    none), for the `decide` signature.
 
     Local: the temporary folder is renamed into place. Remote (gs://, where folders cannot be
     renamed): written locally, then copied with saved_model.pb last, which is what readers check for.
@@ -128,7 +142,7 @@ def export(model, layout, out_dir, tags, clip_samples, files, embedding=None):
         tf.io.gfile.rmtree(tmp)
     archive = keras.export.ExportArchive()
     archive.track(model)
-    for name, fn in serving_functions(model, layout, clip_samples, tags, embedding).items():
+    for name, fn in serving_functions(model, layout, clip_samples, tags, embedding, thresholds).items():
         archive.add_endpoint(name, fn)
     with contextlib.redirect_stdout(io.StringIO()):  # Keras prints the endpoints whatever `verbose` says
         archive.write_out(tmp, verbose=False)

@@ -67,6 +67,8 @@ def write_bytes(path, data):
     """Write a whole file, local or remote (through tf.io.gfile)."""
     if is_remote(path):
         import tensorflow as tf
+        if tf.io.gfile.exists(path):      # TensorFlow's ram:// filesystem keeps a longer old file's tail
+            tf.io.gfile.remove(path)
         with tf.io.gfile.GFile(path, "wb") as f:
             f.write(data)
     else:
@@ -78,13 +80,18 @@ def write_text(path, text):
     write_bytes(path, text.encode("utf-8"))
 
 
-def read_text(path):
+def read_bytes(path):
+    """A whole file, local or remote (through tf.io.gfile)."""
     if is_remote(path):
         import tensorflow as tf
         with tf.io.gfile.GFile(path, "rb") as f:
-            return f.read().decode("utf-8")
-    with open(path, encoding="utf-8") as f:
+            return f.read()
+    with open(path, "rb") as f:
         return f.read()
+
+
+def read_text(path):
+    return read_bytes(path).decode("utf-8")
 
 
 def csv_text(rows):

@@ -1,4 +1,4 @@
-"""The MagnaTagATune release: its annotations file, the canonical 50 tags and the splits.
+"""The MagnaTagATune release: its annotations file, the canonical 50 tags, artists and the splits.
 
 `annotations_final.csv` is tab-separated with every field double-quoted and CRLF line endings:
 `clip_id`, 188 tag columns, `mp3_path`. Audio lives in 16 part folders (0-9, a-f), named by the
@@ -6,6 +6,7 @@ first character of `mp3_path`.
 """
 import csv
 import io
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -30,7 +31,10 @@ CORRUPT_CLIPS = {
 
 PARTS = {**{p: "train" for p in "0123456789ab"}, "c": "valid", **{p: "test" for p in "def"}}
 SPLITS = ("train", "valid", "test")
-SPLIT_RULES = ("folder", "clean")
+SPLIT_RULES = ("folder", "clean", "artist")
+SPLIT_HELP = ("folder: the release's part folders (train 0-b, valid c, test d-f), every clip; clean: the same, only "
+              "clips with at least one of the tags; artist: whole artists to each split (seeded by --seed), stratified "
+              "by tag, in the folder split's proportions, so no artist is in two splits")
 
 
 class AnnotationError(ValueError):
@@ -46,6 +50,12 @@ class Clip:
     @property
     def part(self):
         return self.path.split("/", 1)[0]
+
+
+def artist(path):
+    """The artist of an MTAT clip: its file name up to the first `-`, runs of `_` as one (the release
+    spells some artists both ways: c__layne and c_layne)."""
+    return re.sub("_+", "_", path.rsplit("/", 1)[-1].split("-", 1)[0])
 
 
 def read_annotations(text):
@@ -102,16 +112,20 @@ def select_tags(tag_columns, clips, top_n=50):
     return [tag_columns[i] for i in order[:top_n] if counts[tag_columns[i]] > 0]
 
 
-def split_clips(clips, tags, rule="folder"):
-    """Assign clips to train (parts 0-b), valid (c) and test (d-f).
+def split_clips(clips, tags, rule="folder", seed=0, artist_of=artist):
+    """Assign clips to train, valid and test.
 
-    rule "folder" keeps every clip; "clean" keeps only clips with at least one of `tags`. The
-    release's three corrupt clips are always left out. Returns {split: [Clip]} in file order.
+    rule "folder": parts 0-b train, c valid, d-f test, every clip; "clean": the same, only clips with at
+    least one of `tags`; "artist": the folder split's clips, each artist (`artist_of(path)`) whole in
+    one split, seeded, stratified by `tags` (tagger.artists.stratified_split) in the folder split's
+    proportions. The release's three corrupt clips are always left out. Returns {split: [Clip]} in
+    file order.
     """
     if rule not in SPLIT_RULES:
         raise ValueError(f"unknown split rule {rule!r}: choose one of {', '.join(SPLIT_RULES)}")
     wanted = set(tags)
     out = {s: [] for s in SPLITS}
+    kept = []
     for clip in clips:
         split = PARTS.get(clip.part)
         if split is None or CORRUPT_CLIPS.get(clip.clip_id) == clip.path:
@@ -119,4 +133,10 @@ def split_clips(clips, tags, rule="folder"):
         if rule == "clean" and not clip.labels & wanted:
             continue
         out[split].append(clip)
+        kept.append(clip)
+    if rule == "artist" and kept:
+        from tagger.artists import stratified_split
+        labels = [[t in c.labels for t in tags] for c in kept]
+        where = stratified_split([artist_of(c.path) for c in kept], labels, [len(out[s]) for s in SPLITS], seed)
+        out = {s: [c for c, w in zip(kept, where) if w == i] for i, s in enumerate(SPLITS)}
     return out

@@ -14,6 +14,7 @@ file each name is), --plot its taggram.
 """
 import csv
 import json
+import math
 import os
 import sys
 
@@ -33,10 +34,10 @@ def parse_args(argv):
                    "(python -m tagger.convert musicnn WHEEL); default: the newest export there")
     add_models_dir_flag(p)
     audio.add_decoder_flag(p)
-    p.add_argument("--top-k", type=nonnegative_int, default=5, help="tags kept per file and per window, most "
-                   "probable first, in every format (0: all; default 5)")
-    p.add_argument("--threshold", type=float, help="keep only tags at or above this probability (0-1), in every "
-                   "format (default: none)")
+    p.add_argument("--top-k", type=nonnegative_int, default=5, help="at most this many of the decided tags per "
+                   "file and per window, most probable first, in every format (0: no cap; default 5)")
+    p.add_argument("--threshold", type=float, help="decide every tag at this probability (0-1) instead of the "
+                   "export's per-tag thresholds (default: those; an export without them keeps the --top-k tags)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table",
                    help="table: one line a file; json: a list of {path, duration, tags}; csv: one row per kept tag "
                    "(path, duration or start, rank, tag, probability)")
@@ -272,17 +273,31 @@ def plot_taggrams(results, tags, folder, top_k):
     return written
 
 
-def top_tags(probs, tags, k, threshold):
-    """The k most probable tags (all for k = 0) at or above the threshold, as (tag, probability)."""
-    order = sorted(range(len(tags)), key=lambda i: -probs[i])[:k or None]
-    return [(tags[i], float(probs[i])) for i in order if threshold is None or probs[i] >= threshold]
+def top_tags(probs, tags, k, thresholds=None):
+    """The decided tags (probability at or above the tag's threshold; every tag where `thresholds` is
+    None), most probable first, at most k of them (all for k = 0), as (tag, probability)."""
+    order = sorted(range(len(tags)), key=lambda i: -probs[i])
+    kept = [i for i in order if thresholds is None or probs[i] >= thresholds[i]]
+    return [(tags[i], float(probs[i])) for i in kept[:k or None]]
 
 
-def write_output(results, tags, args, out=sys.stdout):
-    """Every format keeps the same tags: the --top-k most probable (all for 0) at or above --threshold,
-    by descending probability; each window's in the timeline likewise."""
+def decision_thresholds(model_dir, tags, threshold):
+    """The per-tag thresholds predict decides by: --threshold for every tag when given, else the
+    export's stored ones (+inf for a tag without one), else None (the top-k alone), said once."""
+    if threshold is not None:
+        return [threshold] * len(tags)
+    path = f"{model_dir}/thresholds.json"
+    if files.exists(path):
+        stored = json.loads(files.read_text(path))["tags"]
+        return [math.inf if stored.get(t, {}).get("threshold") is None else stored[t]["threshold"] for t in tags]
+    return None
+
+
+def write_output(results, tags, args, thresholds=None, out=sys.stdout):
+    """Every format keeps the same tags: those decided by `thresholds` (decision_thresholds), at most
+    --top-k of them (0: no cap), by descending probability; each window's in the timeline likewise."""
     def kept(probs):
-        return top_tags(probs, tags, args.top_k, args.threshold)
+        return top_tags(probs, tags, args.top_k, thresholds)
 
     if args.format == "json":
         doc = []
@@ -307,7 +322,7 @@ def write_output(results, tags, args, out=sys.stdout):
     else:
         for r in results:
             top = ", ".join(f"{t} {p:.2f}" for t, p in kept(r["probabilities"]))
-            out.write(f"{r['path']}  ({r['duration']:.1f} s)  {top or '(no tag above the threshold)'}\n")
+            out.write(f"{r['path']}  ({r['duration']:.1f} s)  {top or '(no tag decided)'}\n")
             if args.timeline:
                 for s, probs in zip(r["starts"], r["window_probabilities"]):
                     top = ", ".join(f"{t} {p:.2f}" for t, p in kept(probs))
@@ -347,6 +362,11 @@ def run(args):
     audio_files = collect_files(args.paths)
     decoder = audio.resolve_decoder(args.decoder)
     tags, window, serving = load_tagger(model_dir, embeddings=bool(args.embeddings))
+    thresholds = decision_thresholds(model_dir, tags, args.threshold)
+    if thresholds is None:
+        cap = f"top {args.top_k}" if args.top_k else "all"
+        print(f"{model_dir} has no per-tag thresholds (a converted model or an older export): showing the {cap} "
+              "tags by probability (--threshold X decides at X)", file=sys.stderr)
     hop = int(round(args.hop * SAMPLE_RATE)) if args.hop else window["hop"]
     failures = []
 
@@ -355,7 +375,7 @@ def run(args):
         print(f"{path}: {reason}", file=sys.stderr)
 
     results = tag_files(audio_files, serving, window, hop, args.batch_size, on_error, decoder)
-    write_output(results, tags, args)
+    write_output(results, tags, args, thresholds)
     if args.embeddings and results:
         write_embeddings(results, args.embeddings)
         print(f"Wrote the embeddings of {plural(len(results), 'file')} to {os.path.normpath(args.embeddings)}/ "

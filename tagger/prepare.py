@@ -1,23 +1,23 @@
 """Convert audio into sharded TFRecords: MagnaTagATune, the synthetic demo, or your own CSV.
 
-    python -m tagger.prepare --source mtat --mtat-dir DIR --out tfrecords/mtat [--split folder|clean]
-    python -m tagger.prepare --source mtat --mtat-dir DIR --out tfrecords/mtat --plan
+    python -m tagger.prepare --source mtat --mtat-dir DIR --out tfrecords/mtat [--split folder|clean|artist]
+    python -m tagger.prepare --source mtat --mtat-dir DIR --out tfrecords/mtat --plan [--tag-report]
     python -m tagger.prepare --source demo --out tfrecords/demo [--seed S]
     python -m tagger.prepare --source csv --csv FILE --audio-root DIR --out tfrecords/NAME
 
-Writes `<split>-NNNNN-of-NNNNN.tfrecord` shards, `tags.json` and `manifest.json` under --out. Each
-shard's clips are fixed by the plan, and a shard is written under a temporary name and renamed when
-complete, so running the same command again after an interruption finishes the job.
+Writes `<split>-NNNNN-of-NNNNN.tfrecord` shards, `tags.json`, `manifest.json` and, where the artists
+are known, `artists.tsv` under --out. Each shard's clips are fixed by the plan, and a shard is written
+under a temporary name and renamed when complete, so running the same command again after an
+interruption finishes the job.
 """
 import hashlib
 import json
 import os
-import random
 import sys
 import time
 from collections import Counter
 
-from tagger import audio, files, mtat
+from tagger import artists, audio, demo, files, mtat, plans, tagmap
 from tagger.cli import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, ArgumentParser, Progress, UsageError, main_guard,
                         nonnegative_float, positive_float, positive_int, quiet_tensorflow)
 
@@ -35,9 +35,8 @@ def parse_args(argv):
                    "your own audio listed in a CSV")
     p.add_argument("--out", required=True, help="output folder (local path or gs://...)")
     p.add_argument("--mtat-dir", help="--source mtat: the release, annotations_final.csv and part folders 0-f")
-    p.add_argument("--split", choices=mtat.SPLIT_RULES, default="folder",
-                   help="folder: every clip; clean: only clips with at least one of the tags")
-    p.add_argument("--csv", help="--source csv: a CSV with columns path, tags (';'-separated), [split]")
+    p.add_argument("--split", choices=mtat.SPLIT_RULES, default="folder", help=mtat.SPLIT_HELP)
+    p.add_argument("--csv", help="--source csv: a CSV with columns path, tags (';'-separated), [split], [artist]")
     p.add_argument("--audio-root", help="--source csv: folder the CSV's paths are relative to")
     p.add_argument("--clip-seconds", type=positive_float, help="clip length (default: mtat and csv 29.125, demo 10.24)")
     p.add_argument("--clip-offset", type=clip_offset, default=0.0, metavar="SECONDS|middle",
@@ -48,9 +47,17 @@ def parse_args(argv):
     p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, help="decoder processes")
     p.add_argument("--shard-mb", type=positive_float, help="target shard size (default 150, demo 16)")
     p.add_argument("--top-tags", type=positive_int, default=50, help="number of output tags")
-    p.add_argument("--seed", type=int, default=0, help="demo audio and the csv source's random split")
-    p.add_argument("--plan", action="store_true", help="write plan.tsv and tags.json, and count the planned audio "
-                   "files that are missing or empty (listed in missing.tsv; exit status 1 if any); nothing decoded")
+    p.add_argument("--tag-map", metavar="FILE", help="merge or drop tags before the output tags are chosen: "
+                   "`old -> new` lines, `old ->` drops (docs/mtat.md; default: the tags as annotated)")
+    p.add_argument("--min-count", type=positive_int, metavar="N",
+                   help="leave out output tags with fewer than N positives in the train split (default: keep all)")
+    p.add_argument("--seed", type=int, default=0, help="demo audio, --split artist, and the csv source's random "
+                   "split")
+    p.add_argument("--tag-report", action="store_true", help="print the output tags' positives per split and "
+                   "candidate near-synonyms among them (also tag_counts.tsv and tag_pairs.tsv)")
+    p.add_argument("--plan", action="store_true", help="write plan.tsv, tags.json and (artists known) artists.tsv, "
+                   "and count the planned audio files that are missing or empty (listed in missing.tsv; exit status 1 "
+                   "if any); nothing decoded")
     audio.add_decoder_flag(p)
     args = p.parse_args(argv)
     try:
@@ -72,54 +79,7 @@ def clip_offset(text):
 
 
 # ----------------------------------------------------------------------------------------------
-# Plans: which clips go into which split, with which labels
-
-def mtat_plan(annotations_path, split_rule, top_tags):
-    """{split: [(clip_id, path, [tag, ...])]} and the tag list, from an MTAT-format annotations file."""
-    if not os.path.isfile(annotations_path):
-        raise UsageError(f"no annotations file at {annotations_path}: point --mtat-dir at the unzipped "
-                         "release (annotations_final.csv beside the part folders 0-f)")
-    try:
-        columns, clips = mtat.load_annotations(annotations_path)
-    except (mtat.AnnotationError, UnicodeDecodeError) as e:
-        raise UsageError(f"{annotations_path} is not a MagnaTagATune annotations file: {e}") from None
-    tags = mtat.select_tags(columns, clips, top_tags)
-    splits = mtat.split_clips(clips, tags, split_rule)
-    wanted = set(tags)
-    return {s: [(c.clip_id, c.path, sorted(c.labels & wanted, key=tags.index)) for c in cs]
-            for s, cs in splits.items()}, tags
-
-
-def csv_plan(csv_path, seed, top_tags):
-    """{split: [...]} and tags from a user CSV: columns path, tags (';'-separated), optional split."""
-    import csv
-    if not os.path.isfile(csv_path):
-        raise UsageError(f"no CSV file at {csv_path}: pass --csv with a file of columns path,tags[,split]")
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"path", "tags"} <= set(reader.fieldnames):
-            raise UsageError(f"{csv_path} needs a header with columns path and tags (and optionally split)")
-        rows = list(reader)
-    if not rows:
-        raise UsageError(f"{csv_path} lists no files")
-    entries = []
-    for i, row in enumerate(rows, 1):
-        labels = [t.strip() for t in (row.get("tags") or "").split(";") if t.strip()]
-        split = (row.get("split") or "").strip()
-        if split and split not in mtat.SPLITS:
-            raise UsageError(f"{csv_path} line {i + 1}: split {split!r} must be train, valid or test")
-        entries.append((i, row["path"].strip(), labels, split))
-    counts = Counter(t for e in entries for t in e[2])
-    tags = sorted(counts, key=lambda t: (-counts[t], t))[:top_tags]
-    rng = random.Random(seed)
-    plan = {s: [] for s in mtat.SPLITS}
-    for clip_id, path, labels, split in entries:
-        if not split:
-            r = rng.random()
-            split = "train" if r < 0.8 else "valid" if r < 0.9 else "test"
-        plan[split].append((clip_id, path, [t for t in tags if t in labels]))
-    return plan, tags
-
+# The plan's files and messages (tagger.plans makes the plan)
 
 def missing_files(plan, audio_root):
     """{split: [path]} of the planned files that do not exist or are empty (stat only, nothing read)."""
@@ -175,10 +135,10 @@ def _example(tf, pcm, labels_multi_hot, clip_id, path):
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
-def convert(plan, tags, out, audio_root, settings, workers, shard_mb):
+def convert(plan, tags, out, audio_root, settings, workers, shard_mb, notes=None):
     """Decode every planned clip in worker processes and write the shards that are not done yet.
 
-    Returns the manifest (also written to <out>/manifest.json).
+    Returns the manifest (also written to <out>/manifest.json, with `notes`, tagger.plans.notes).
     """
     quiet_tensorflow()
     import tensorflow as tf
@@ -214,7 +174,7 @@ def convert(plan, tags, out, audio_root, settings, workers, shard_mb):
             _write_shard(tf, out, progress_dir, name, entries, results[shard_no], tag_index, tags)
             results[shard_no] = None
     bar.close()
-    return write_manifest(tf, out, shards, tags, settings)
+    return write_manifest(tf, out, shards, tags, settings, notes)
 
 
 def _write_shard(tf, out, progress_dir, name, entries, results, tag_index, tags):
@@ -240,7 +200,7 @@ def _write_shard(tf, out, progress_dir, name, entries, results, tag_index, tags)
     tf.io.gfile.rename(tmp, f"{out}/{name}", overwrite=True)
 
 
-def write_manifest(tf, out, shards, tags, settings):
+def write_manifest(tf, out, shards, tags, settings, notes=None):
     splits = {s: {"clips": 0, "shards": []} for s in mtat.SPLITS}
     tag_counts = {s: {t: 0 for t in tags} for s in mtat.SPLITS}
     skipped, padded = [], 0
@@ -259,7 +219,7 @@ def write_manifest(tf, out, shards, tags, settings):
         "splits": splits, "padded": padded,
         "skipped": skipped, "tag_counts": tag_counts, "min_samples": settings["min_samples"],
         "annotations_sha256": settings["annotations_sha256"], "decoder": audio.decoder_info(settings["decoder"]),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(notes or {}),
     }
     files.atomic_write_text(f"{out}/manifest.json", json.dumps(manifest, indent=1))
     return manifest
@@ -282,7 +242,9 @@ def _check_settings(out, settings):
     except tf.errors.OpError as e:
         raise UsageError(f"cannot create the output folder {out} ({e.message}): choose a writable --out") from None
     try:
-        diff = files.recorded_settings_differ(path, settings, {"clip_offset": 0.0, "decoder": "tfio"})
+        # a record from before a setting existed: what the command did then (its seed: not recorded, taken as given)
+        diff = files.recorded_settings_differ(path, settings, {"clip_offset": 0.0, "decoder": "tfio", "tag_map": None,
+                                                               "min_count": None, "seed": settings.get("seed")})
     except tf.errors.OpError as e:
         raise UsageError(f"cannot write to {out} ({e.message}): choose a writable --out") from None
     if diff:
@@ -305,12 +267,45 @@ def _ensure_writable(out):
         raise UsageError(f"cannot write to the output folder {out} ({e.strerror}): choose a writable --out") from None
 
 
+def _say_plan_notes(args, plan, notes, out):
+    """The plan's tag map, dropped tags, leakage and (--tag-report) tag report, on the terminal."""
+    if plan.tag_map is not None:
+        merged = len(plan.tag_map) - sum(v is None for v in plan.tag_map.values())
+        print(f"Tag map {args.tag_map}: {merged} tags renamed or merged, "
+              f"{sum(v is None for v in plan.tag_map.values())} dropped")
+    if plan.dropped:
+        print(f"--min-count {args.min_count} left out {len(plan.dropped)} tags (fewer positives in train): "
+              + ", ".join(plan.dropped))
+    print(artists.leakage_line(notes["leakage"], "the CSV has no artist column"))
+    short = notes["few_positives"]["tags"]
+    if short and args.split == "artist":
+        sys.stderr.write(f"{PROG}: warning: the artist split leaves {len(short)} tags with fewer than "
+                         f"{artists.MIN_POSITIVES} positives in valid or test: " +
+                         ", ".join(f"{t} (valid {c['valid']}, test {c['test']})" for t, c in short.items()) + "\n")
+    if args.tag_report:
+        lines, counts_tsv, pairs_tsv = tagmap.report(plan.splits, plan.tags)
+        print("\n".join(lines))
+        files.write_text(f"{out}/tag_counts.tsv", counts_tsv)
+        files.write_text(f"{out}/tag_pairs.tsv", pairs_tsv)
+        print(f"Wrote {out}/tag_counts.tsv and {out}/tag_pairs.tsv")
+
+
+def _write_artists(out, plan):
+    """artists.tsv where the artists are known; a stale one from an earlier plan is removed."""
+    path = f"{out}/{artists.FILE}"
+    if plan.artists is not None:
+        files.write_text(path, artists.tsv_text(plan.splits, plan.artists))
+        return path
+    if not files.is_remote(out) and os.path.exists(path):
+        os.remove(path)
+    return None
+
+
 def prepare(args):
     """Plan, then convert; returns the exit status."""
     out = args.out.rstrip("/")
     _ensure_writable(out)
     if args.source == "demo":
-        from tagger import demo
         audio_root = f"{out}/source"
         clip_samples = demo.CLIP_SAMPLES
         if not os.path.isfile(f"{audio_root}/annotations_final.csv"):
@@ -320,52 +315,57 @@ def prepare(args):
             bar = Progress(total, "writing the demo release")
             demo.write_demo(audio_root, args.seed, args.workers, progress=bar.update)
             bar.close()
-        plan, tags = mtat_plan(f"{audio_root}/annotations_final.csv", args.split, args.top_tags)
         annotations = f"{audio_root}/annotations_final.csv"
+        plan = plans.mtat_plan(annotations, args.split, args.top_tags, args.seed, args.tag_map)
     elif args.source == "mtat":
         audio_root = args.mtat_dir
         clip_samples = MTAT_CLIP_SAMPLES
         annotations = os.path.join(audio_root, "annotations_final.csv")
-        plan, tags = mtat_plan(annotations, args.split, args.top_tags)
+        plan = plans.mtat_plan(annotations, args.split, args.top_tags, args.seed, args.tag_map)
     else:
         audio_root = args.audio_root
         clip_samples = MTAT_CLIP_SAMPLES
         annotations = args.csv
-        plan, tags = csv_plan(args.csv, args.seed, args.top_tags)
+        plan = plans.csv_plan(args.csv, args.seed, args.top_tags, args.tag_map)
+    plan = plans.apply_min_count(plan, args.min_count)
+    tags = plan.tags
     if args.clip_seconds:
         clip_samples = int(round(args.clip_seconds * SAMPLE_RATE))
     min_samples = int(round(args.min_seconds * SAMPLE_RATE)) if args.min_seconds is not None \
         else int(0.9 * clip_samples)
-    counts = {s: len(plan[s]) for s in mtat.SPLITS}
+    counts = {s: len(plan.splits[s]) for s in mtat.SPLITS}
     if not sum(counts.values()):
         raise UsageError(f"no clips to convert in {annotations}: check the file, --split and --top-tags")
     if not tags:
         raise UsageError(f"{annotations} tags no clip: a tagger needs at least one tag")
+    notes = plans.notes(plan, args.min_count)
 
     if args.plan:
         files.makedirs(out)
-        write_plan_tsv(f"{out}/plan.tsv", plan)
+        write_plan_tsv(f"{out}/plan.tsv", plan.splits)
         files.write_text(f"{out}/tags.json", json.dumps(tags, indent=1))
         print(f"Plan ({args.split} split, {len(tags)} tags): " +
               ", ".join(f"{s} {n:,}" for s, n in counts.items()) + " clips")
         warn_empty_splits(counts, "the plan has")
-        missing = missing_files(plan, audio_root)
+        _say_plan_notes(args, plan, notes, out)
+        missing = missing_files(plan.splits, audio_root)
         absent = sum(len(m) for m in missing.values())
-        written = f"{out}/plan.tsv and {out}/tags.json"
+        written = [f"{out}/plan.tsv", f"{out}/tags.json"] + [p for p in [_write_artists(out, plan)] if p]
         if absent:
             files.write_text(f"{out}/missing.tsv", "split\tpath\n" + "".join(
                 f"{s}\t{rel}\n" for s in mtat.SPLITS for rel in missing[s]))
             print(f"Missing or empty audio files under {audio_root}: " +
                   ", ".join(f"{s} {len(m):,} of {counts[s]:,}" for s, m in missing.items()) +
                   f" (e.g. {next(r for m in missing.values() for r in m)})")
-            written += f" and {out}/missing.tsv"
+            written.append(f"{out}/missing.tsv")
         else:
             print(f"All {sum(counts.values()):,} planned audio files are there (none empty)")
-        print(f"Wrote {written}")
+        print(f"Wrote {', '.join(written[:-1])} and {written[-1]}")
         return EXIT_FAILED if absent else EXIT_OK
 
     if args.source != "demo" and not os.path.isdir(audio_root):
         raise UsageError(f"audio folder {audio_root} does not exist: point it at the folder holding the audio")
+    _say_plan_notes(args, plan, notes, out)
     quiet_tensorflow()
     import tensorflow as tf
     decoder = audio.resolve_decoder(args.decoder)
@@ -373,14 +373,18 @@ def prepare(args):
                 "clip_samples": clip_samples, "clip_offset": args.clip_offset, "min_samples": min_samples,
                 "tags": tags, "decoder": decoder,
                 "annotations_sha256": _sha256(annotations),
-                "shard_mb": args.shard_mb or (16 if args.source == "demo" else 150)}
+                "shard_mb": args.shard_mb or (16 if args.source == "demo" else 150),
+                # a list of pairs, not a dict: recorded_settings_differ compares a dict field by field
+                "tag_map": None if plan.tag_map is None else [[k, v] for k, v in sorted(plan.tag_map.items())],
+                "min_count": args.min_count, "seed": args.seed if plan.seeded else None}
     _check_settings(out, settings)
     with tf.io.gfile.GFile(f"{out}/tags.json", "w") as f:
         json.dump(tags, f, indent=1)
+    _write_artists(out, plan)
     started = time.time()
     info = audio.decoder_info(decoder)
     print(f"Decoding with {info['name']} {info['version']}", file=sys.stderr)
-    manifest = convert(plan, tags, out, audio_root, settings, args.workers, settings["shard_mb"])
+    manifest = convert(plan.splits, tags, out, audio_root, settings, args.workers, settings["shard_mb"], notes)
     converted = sum(s["clips"] for s in manifest["splits"].values())
     warn_empty_splits({s: v["clips"] for s, v in manifest["splits"].items()}, "the converted data has")
     print(f"\nConverted {converted:,} clips in {time.time() - started:.0f} s to {out}/ ({len(tags)} tags):")
@@ -392,7 +396,7 @@ def prepare(args):
         print(f"  {len(manifest['skipped'])} files skipped (listed in manifest.json), e.g.:")
         for s in manifest["skipped"][:5]:
             print(f"    {s['path']}: {s['reason']}")
-    print(f"  wrote {out}/manifest.json and {out}/tags.json")
+    print(f"  wrote {out}/manifest.json and {out}/tags.json" + (f" and {out}/{artists.FILE}" if plan.artists else ""))
     if not converted:
         sys.stderr.write(f"{PROG}: error: none of the {len(manifest['skipped'])} files could be converted "
                          "(reasons in manifest.json): check the audio folder\n")

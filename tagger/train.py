@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from tagger import config, files, models, schedules
+from tagger import config, decisions, files, models, schedules
 from tagger.cli import (EXIT_FAILED, EXIT_OK, ArgumentParser, UsageError, add_models_dir_flag, main_guard,
                         plural, positive_int, quiet_tensorflow)
 from tagger.finetune import FREEZE, read_init
@@ -40,6 +40,9 @@ def build_parser(prog=PROG):
                    "(the global batch is --batch-size x replicas)")
     p.add_argument("--run-name", help="name of the run's folder and of its export (default: from the settings)")
     p.add_argument("--restore-best", action="store_true", help="export the best val_auc epoch, not the last")
+    p.add_argument("--threshold-rule", type=decisions.parse_rule, metavar="RULE",
+                   help=f"how each tag's decision threshold is chosen on the valid split after training: "
+                   f"{decisions.RULES_HELP}; stored with the export (default f1)")
     p.add_argument("--stop-after", type=positive_int, metavar="EPOCH", help="stop once this epoch is done, "
                    "checkpointed: the same command without it (or with a later one) goes on from there")
     p.add_argument("--init", metavar="NAME_OR_PATH", help="start from an export's weights (its architecture, in "
@@ -375,10 +378,18 @@ def run(cfg):
         trained, model = model, build_model(dataclasses.replace(cfg, precision="float32"), manifest)
         model.set_weights(trained.get_weights())
     test_clips = manifest["splits"]["test"]["clips"]
-    print(f"Evaluating on the test split ({test_clips:,} clips)...", file=sys.stderr)
-    test_ds = data.dataset(cfg.data, "test", layout, cfg.batch_size, manifest, input_shape=input_shape)
-    y, p = evaluate.predict_dataset(model.predict_on_batch, test_ds)
-    test = evaluate.tag_metrics(y, p, manifest["tags"])
+    print(f"Choosing per-tag thresholds on the valid split ({cfg.threshold_rule} rule), then evaluating on the "
+          f"test split ({test_clips:,} clips)...", file=sys.stderr)
+    tags = manifest["tags"]
+    valid = evaluate.predict_split(model.predict_on_batch, cfg.data, "valid", layout, cfg.batch_size, manifest,
+                                   input_shape)
+    thresholds = decisions.choose_thresholds(valid["labels"], valid["probabilities"], tags, cfg.threshold_rule,
+                                             "valid", cfg.data)
+    thresholds["manifest_sha256"] = info["manifest_sha256"]
+    pred = evaluate.predict_split(model.predict_on_batch, cfg.data, "test", layout, cfg.batch_size, manifest,
+                                  input_shape)
+    groups, unit = evaluate.artists(cfg.data, manifest, pred["clip_id"], pred["path"])
+    test = evaluate.evaluate_split(pred, tags, groups, unit, thresholds)
     evaluate.write_report(run_dir, test, manifest["tag_counts"]["train"],
                           f"{cfg.run_name}: test ROC-AUC {test['roc_auc']:.4f}",
                           tensorboard_dir=f"{run_dir}/test", step=cfg.epochs)
@@ -388,7 +399,7 @@ def run(cfg):
                "train_clips_per_s": round(train_clips * len(checkpoint.history) / max(train_seconds, 1e-9), 2),
                "trainable_params": int(sum(w.numpy().size for w in model.trainable_weights)),
                "forward_flops_per_clip": forward_flops(model) * layout.pieces(manifest["clip_samples"]),
-               "history": checkpoint.history, "test_clips": int(len(y)),
+               "history": checkpoint.history, "test_clips": int(len(pred["labels"])),
                "train_tag_counts": manifest["tag_counts"]["train"],
                "seed": cfg.seed, "data_split": manifest["split"],
                "manifest_sha256": info["manifest_sha256"], "git_commit": info["git_commit"],
@@ -396,12 +407,22 @@ def run(cfg):
     with tf.io.gfile.GFile(f"{run_dir}/metrics.json", "w") as f:
         json.dump(metrics, f, indent=1)
     print(f"Exporting the SavedModel to {cfg.models_dir}/{cfg.run_name}/...", file=sys.stderr)
-    out = export.export(model, layout, f"{cfg.models_dir}/{cfg.run_name}", manifest["tags"],
-                        manifest["clip_samples"], {"config.json": info, "metrics.json": metrics}, family.embedding)
-    print(f"\nTest ROC-AUC {test['roc_auc']:.4f}, PR-AUC {test['pr_auc']:.4f} on {len(y)} clips "
+    out = export.export(model, layout, f"{cfg.models_dir}/{cfg.run_name}", tags, manifest["clip_samples"],
+                        {"config.json": info, "metrics.json": metrics, evaluate.THRESHOLDS: thresholds},
+                        family.embedding, decisions.threshold_vector(thresholds, tags).tolist())
+    # The test report in the export, as tagger.evaluate writes it (what experiments compare pairs).
+    evaluate.write_evaluation(f"{out}/eval-test", test, pred, tags, groups, unit, manifest["tag_counts"]["train"],
+                              f"{cfg.run_name} on {cfg.data} (test)", cfg.data, "test",
+                              {"data": cfg.data, "model": out})
+    print(f"\nTest ROC-AUC {test['roc_auc']:.4f}, PR-AUC {test['pr_auc']:.4f} on {len(pred['labels'])} clips "
           f"({cfg.arch}, epoch {exported_epoch} of {cfg.epochs}, {train_seconds:.0f} s training, "
           f"{time.time() - started:.0f} s in all)")
-    print(f"  SavedModel, tags, config and metrics: {out}/")
+    print("\n".join(evaluate.summary(test, "  test", len(pred["labels"]))[1:]))
+    without = decisions.without_threshold(thresholds)
+    if without:
+        print(f"  {plural(len(without), 'tag')} without a threshold: " +
+              ", ".join(f"{t} ({why})" for t, why in list(without.items())[:5]) + (", ..." if len(without) > 5 else ""))
+    print(f"  SavedModel, tags, thresholds, config and metrics: {out}/ (test report and predictions in eval-test/)")
     print(f"  TensorBoard curves: tensorboard --logdir {run_dir}")
     print(f"  per-tag table and chart: {run_dir}/per_tag.csv, {run_dir}/per_tag.png")
     return EXIT_OK

@@ -13,7 +13,7 @@ SHARED_ANNOTATIONS = os.path.join(ROOT, "..", "shared", "mtat", "annotations_fin
 MUSICNN_WHEEL = os.environ.get("TAGGER_MUSICNN_WHEEL") or os.path.join(ROOT, "wheels", "musicnn-0.1.0-py3-none-any.whl")
 TINY_SECONDS = 4.0  # long enough for the CNN at 256/256 and the CRNN's poolings
 TINY_SAMPLES = int(TINY_SECONDS * 16000)
-TINY_PARTS = {**{p: 3 for p in "0123456789ab"}, "c": 6, **{p: 3 for p in "def"}}
+TINY_PARTS = {**{p: 3 for p in "0123456789ab"}, "c": 16, **{p: 3 for p in "def"}}
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

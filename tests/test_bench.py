@@ -97,6 +97,9 @@ def test_table_reports_ratios_and_missing_values():
     assert "| tagger.predict (soundfile) | 0.600 |  |  | 2.40 x musicnn's own path |" in both
     assert "| musicnn's own path (librosa, float16, TF1 graph) | 0.250 |  |  |  |" in both
     assert "training in mixed_bfloat16 (the peer in float32)" in table({**r, "precision": "mixed_bfloat16"})
+    assert "Bootstrap" not in text
+    assert ("50 tags, 1000 resamples: 8.5 s, peak RSS 700.0 MB" in
+            table({**r, "bootstrap_seconds": 8.46, "bootstrap_resamples": 1000, "bootstrap_peak_rss_mb": 700.0}))
 
 
 @pytest.mark.parametrize("args, message", [

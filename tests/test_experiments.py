@@ -2,6 +2,7 @@
 statistics, and the per-tag comparison of two exports."""
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -79,6 +80,34 @@ def test_compare_two_models(table2):
             value = m["test"]["per_tag"][row["tag"]]["roc_auc"]
             assert row[key] == ("" if value is None else f"{value:.4f}")
     assert (out / "per_tag.png").read_bytes()[:4] == b"\x89PNG"
+    # The paired bootstrap on the saved test predictions: the difference of the macro figures the
+    # exports report, with its interval and the share of resamples in which the first is ahead.
+    paired = json.loads((out / "paired.json").read_text())
+    for key in ("roc_auc", "pr_auc"):
+        result = paired[key]
+        assert result["a"] == pytest.approx(ma["test"][key], abs=1e-6)
+        assert result["b"] == pytest.approx(mb["test"][key], abs=1e-6)
+        assert result["difference"] == pytest.approx(ma["test"][key] - mb["test"][key], abs=1e-6)
+        low, high = result["interval"]
+        assert low <= high and 0 <= result["share_of_resamples_a_ahead"] <= 1
+    assert paired["resamples"] == 1000 and paired["clips"] == ma["test_clips"]
+    assert "the share of resamples in which" in r.stdout and "probability" not in r.stdout
+
+
+def test_compare_refuses_exports_evaluated_on_different_clips(table2, tiny_records, tmp_path):
+    tmp, _, _ = table2
+    a, b = sorted((tmp / "models").iterdir())[:2]
+    other = tmp_path / "b"
+    shutil.copytree(b, other)
+    shutil.rmtree(other / "eval-test")
+    r = run_cli("tagger.experiments", "compare", a, other, "--out", tmp_path / "none")
+    assert r.returncode == 0 and "No paired bootstrap" in r.stdout and "tagger.evaluate" in r.stdout
+    # Its report replaced by one on other clips (the train split): no pairing.
+    r = run_cli("tagger.evaluate", "--model", other, "--split", "train", "--bootstrap", "20", "--out",
+                other / "eval-test")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("tagger.experiments", "compare", a, other, "--out", tmp_path / "none")
+    assert r.returncode == 2 and "different test clips" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_zoo_tables_every_family_asked_from_its_runs(tiny_records, tmp_path):

@@ -87,7 +87,7 @@ def test_every_family_trains_a_step_exports_and_serves_in_a_tensorflow_only_proc
         f.setnchannels(1), f.setsampwidth(2), f.setframerate(16000)
         f.writeframes(pcm.tobytes())
     p = run_cli("tagger.predict", tmp_path / "track.wav", "--model", out, "--format", "json", "--timeline",
-                "--top-k", "0", "--embeddings", tmp_path / "emb")
+                "--top-k", "0", "--threshold", "0", "--embeddings", tmp_path / "emb")
     assert p.returncode == 0, p.stderr[-3000:]
     np.testing.assert_allclose(np.load(tmp_path / "emb" / "track.windows.npy"), features,
                                atol=3e-5 * max(1.0, np.abs(features).max()))

@@ -50,7 +50,7 @@ def _predict(model, *args):
 def test_json_for_every_kind_of_file(crnn_run, music):
     model = crnn_run[0] / "models" / "crnn"
     tags = json.loads((model / "tags.json").read_text())
-    r = _predict(model, music, "--format", "json", "--timeline", "--top-k", "0")
+    r = _predict(model, music, "--format", "json", "--timeline", "--top-k", "0", "--threshold", "0")
     assert r.returncode == 0, r.stderr[-3000:]
     doc = {os.path.relpath(d["path"], music): d for d in json.loads(r.stdout)}
     assert set(doc) == {"plain.wav", "album/tone.mp3", "album/stereo44k.wav", "short.wav", "album/three-minutes.wav"}
@@ -70,30 +70,32 @@ def test_json_for_every_kind_of_file(crnn_run, music):
 
 def test_table_csv_threshold_and_hop(crnn_run, music):
     model = crnn_run[0] / "models" / "crnn"
-    r = _predict(model, music / "plain.wav", "--top-k", "2")
+    r = _predict(model, music / "plain.wav", "--top-k", "2", "--threshold", "0")
     assert r.returncode == 0 and r.stdout.count("\n") == 1 and "(6.0 s)" in r.stdout
     assert len(r.stdout.split("s)")[1].split(",")) == 2
     r = _predict(model, music / "plain.wav", "--threshold", "1.0")
-    assert "no tag above the threshold" in r.stdout
-    r = _predict(model, music / "album" / "three-minutes.wav", "--format", "csv", "--timeline", "--hop", "30")
+    assert "(no tag decided)" in r.stdout
+    r = _predict(model, music / "album" / "three-minutes.wav", "--format", "csv", "--timeline", "--hop", "30",
+                 "--threshold", "0")
     rows = r.stdout.strip().splitlines()
     windows = len(window_starts(180 * 16000, TINY_SAMPLES, 30 * 16000))
     assert rows[0] == "path,start,rank,tag,probability" and len(rows) - 1 == 5 * windows   # --top-k 5
 
 
 def test_top_k_and_threshold_filter_every_format(crnn_run, music):
-    """The table, JSON and CSV keep the same tags: the --top-k most probable at or above --threshold,
-    most probable first; CSV numbers in one format."""
+    """The table, JSON and CSV keep the same tags: those at or above --threshold (which overrides the
+    export's own), at most --top-k of them, most probable first; CSV numbers in one format. (The
+    stored per-tag thresholds: test_decisions.)"""
     import csv
     import io
     model = crnn_run[0] / "models" / "crnn"
     track = music / "plain.wav"
-    full = json.loads(_predict(model, track, "--format", "json", "--top-k", "0").stdout)[0]["tags"]
+    full = json.loads(_predict(model, track, "--format", "json", "--top-k", "0", "--threshold", "0").stdout)[0]["tags"]
     ranked = list(full.items())
     assert [p for _, p in ranked] == sorted(full.values(), reverse=True)
     threshold = (ranked[1][1] + ranked[2][1]) / 2          # between the second and the third tag
-    for k, thr, expected in (("3", None, ranked[:3]), ("0", threshold, ranked[:2]), ("1", threshold, ranked[:1])):
-        extra = ["--top-k", k] + (["--threshold", str(thr)] if thr is not None else [])
+    for k, thr, expected in (("3", 0, ranked[:3]), ("0", threshold, ranked[:2]), ("1", threshold, ranked[:1])):
+        extra = ["--top-k", k, "--threshold", str(thr)]
         doc = json.loads(_predict(model, track, "--format", "json", "--timeline", *extra).stdout)[0]
         assert list(doc["tags"].items()) == expected
         assert all(len(w["tags"]) <= len(expected) and list(w["tags"].values()) == sorted(w["tags"].values(),
@@ -113,7 +115,7 @@ def test_both_decoders_tag_alike(crnn_run, music):
     model = crnn_run[0] / "models" / "crnn"
     tagged = {}
     for decoder in ("tfio", "soundfile"):
-        r = _predict(model, music, "--format", "json", "--top-k", "0", "--decoder", decoder)
+        r = _predict(model, music, "--format", "json", "--top-k", "0", "--threshold", "0", "--decoder", decoder)
         assert r.returncode == 0, r.stderr[-2000:]
         tagged[decoder] = {d["path"]: d for d in json.loads(r.stdout)}
     assert tagged["tfio"].keys() == tagged["soundfile"].keys() and len(tagged["tfio"]) == 5
@@ -190,17 +192,17 @@ def test_tag_track_in_a_tensorflow_only_process_gives_the_cli_numbers(crnn_run, 
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["rate"] == 16000 and out["modules"] == []
-    cli = json.loads(_predict(model, track, "--format", "json", "--top-k", "0").stdout)[0]["tags"]
+    cli = json.loads(_predict(model, track, "--format", "json", "--top-k", "0", "--threshold", "0").stdout)[0]["tags"]
     tags = json.loads((model / "tags.json").read_text())
     np.testing.assert_allclose([cli[t] for t in tags], out["p"], atol=1e-5)
 
 
-def test_saved_model_cli_lists_both_signatures(crnn_run):
+def test_saved_model_cli_lists_the_signatures(crnn_run):
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
     r = subprocess.run([cli, "show", "--dir", str(crnn_run[0] / "models" / "crnn"), "--all"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    for name in ("serving_default", "tag_track", "tag_names"):
+    for name in ("serving_default", "tag_track", "tag_windows", "embed", "tag_names", "decide"):
         assert f"signature_def['{name}']" in r.stdout
 
 

@@ -313,3 +313,204 @@ def test_tiny_records_are_readable(tiny_records):
     kept, _ = next(iter(data.dataset(tiny_records, "train", SubClips(10), 4, manifest, input_shape=(None, 10, 6000))))
     assert kept.shape == (4, 10, 6000)
     np.testing.assert_array_equal(kept.numpy(), waves.numpy()[..., :6000])
+
+
+# ----------------------------------------------------------------------------------------------
+# Artists, leakage, tag maps, --min-count, --tag-report
+
+needs_real = pytest.mark.skipif(not os.path.exists(SHARED_ANNOTATIONS), reason="real annotations not here")
+EXAMPLE_MAP = os.path.join(ROOT, "docs", "examples", "mtat_synonyms.tagmap")
+
+
+@pytest.fixture(scope="module")
+def real_release(tmp_path_factory):
+    """The real annotations file alone (no audio), and its clips."""
+    import gzip
+    from tagger import mtat
+    root = tmp_path_factory.mktemp("mtat")
+    (root / "annotations_final.csv").write_bytes(gzip.decompress(open(SHARED_ANNOTATIONS, "rb").read()))
+    return root, mtat.load_annotations(str(root / "annotations_final.csv"))
+
+
+def _plan_run(release, out, capsys, *extra):
+    """prepare --plan on the real annotations: (stdout, stderr); every mp3 is missing, so status 1."""
+    status = prepare.main(["--source", "mtat", "--mtat-dir", str(release), "--out", str(out), "--plan", *extra])
+    captured = capsys.readouterr()
+    assert status == 1, captured.err
+    return captured.out, captured.err
+
+
+@needs_real
+@pytest.mark.parametrize("split, shared, leaked", [("folder", 57, 3328), ("artist", 0, 0)])
+def test_plan_reports_artist_leakage_and_writes_artists_tsv(real_release, tmp_path, capsys, split, shared, leaked):
+    from tagger import artists, mtat
+    root, (_, clips) = real_release
+    out, _ = _plan_run(root, tmp_path / "plan", capsys, "--split", split)
+    plan = [line.split("\t") for line in open(tmp_path / "plan" / "plan.tsv").read().splitlines()[1:]]
+    test_clips = sum(s == "test" for s, _, _ in plan)
+    assert f"Artist leakage: {shared} of 229 artists in more than one split" in out
+    assert f"{leaked:,} of {test_clips:,} test clips by an artist also in train" in out
+    by_artist = artists.read_artists(tmp_path / "plan")
+    assert by_artist == {int(clip_id): mtat.artist(path) for _, clip_id, path in plan}
+    assert len(by_artist) == len(clips) - len(mtat.CORRUPT_CLIPS)
+    where = {}
+    for s, clip_id, _ in plan:
+        where.setdefault(by_artist[int(clip_id)], set()).add(s)
+    assert sum(len(v) > 1 for v in where.values()) == shared
+
+
+@needs_real
+def test_tag_report_lists_the_four_synonym_pairs(real_release, tmp_path, capsys):
+    """Each of the four pairs with its co-occurrence over the planned clips; male vocal / female vocal
+    (alike by name, hardly ever together) not."""
+    from tagger import mtat
+    root, (_, clips) = real_release
+    out, _ = _plan_run(root, tmp_path / "plan", capsys, "--tag-report")
+    planned = [c for s in mtat.split_clips(clips, mtat.CANONICAL_TAGS).values() for c in s]
+    for rare, common in [("classic", "classical"), ("woman", "female"), ("vocals", "vocal"), ("no vocals", "no vocal")]:
+        a, b = (sum(t in c.labels for c in planned) for t in (rare, common))
+        both = sum({rare, common} <= c.labels for c in planned)
+        first, second = (rare, common) if a <= b else (common, rare)
+        line = next((x for x in out.splitlines() if x.startswith(f"  {first} ~ {second} (by ")), None)
+        assert line, (first, second, out)
+        assert (f"{both:,} clips carry both, {both / min(a, b):.0%} of the {min(a, b):,} {first} clips and "
+                f"{both / max(a, b):.0%} of the {max(a, b):,} {second} clips") in line
+    assert "female vocal ~ male vocal" not in out and "male vocal ~ female vocal" not in out
+    pairs = open(tmp_path / "plan" / "tag_pairs.tsv").read().splitlines()
+    assert pairs[0].split("\t")[:3] == ["tag", "other", "found_by"] and 4 <= len(pairs) - 1 <= 20
+    counts = {row.split("\t")[0]: row.split("\t")[1:] for row in open(tmp_path / "plan" / "tag_counts.tsv")}
+    split = mtat.split_clips(clips, mtat.CANONICAL_TAGS)
+    assert counts["choral"] == [str(sum("choral" in c.labels for c in split[s])) + ("\n" if s == "test" else "")
+                                for s in mtat.SPLITS]
+
+
+@needs_real
+def test_tag_map_merges_before_the_tags_are_chosen_and_min_count_drops(real_release, tmp_path, capsys):
+    from tagger import mtat
+    root, (columns, clips) = real_release
+    mapping = {"classic": "classical", "woman": "female", "vocals": "vocal", "no vocals": "no vocal"}
+    merged = [{mapping.get(t, t) for t in c.labels} for c in clips]
+    counts = {t: sum(t in labels for labels in merged) for t in {mapping.get(t, t) for t in columns}}
+    top = sorted(counts, key=lambda t: -counts[t])[:50]
+    folder = mtat.split_clips(clips, ())
+    train = {c.clip_id for c in folder["train"]}
+    train_counts = {t: sum(t in labels for c, labels in zip(clips, merged) if c.clip_id in train) for t in top}
+    min_count = sorted(train_counts.values())[5]           # leaves out the 5 rarest in train (fewer on a tie)
+    out, _ = _plan_run(root, tmp_path / "plan", capsys, "--tag-map", EXAMPLE_MAP, "--min-count", str(min_count),
+                       "--tag-report")
+    tags = json.load(open(tmp_path / "plan" / "tags.json"))
+    assert not {"classic", "woman", "vocals", "no vocals"} & set(tags)
+    assert set(tags) == {t for t in top if train_counts[t] >= min_count}
+    assert [counts[t] for t in tags] == sorted((counts[t] for t in tags), reverse=True)   # count order, not MTAT's
+    assert len(tags) < 50 and f"--min-count {min_count} left out {50 - len(tags)} tags" in out
+    assert "Tag map" in out and "4 tags renamed or merged, 0 dropped" in out
+    rows = {r.split("\t")[0]: r.split("\t")[1:] for r in open(tmp_path / "plan" / "tag_counts.tsv").read().splitlines()}
+    classical = [sum(bool({"classic", "classical"} & c.labels) for c in folder[s]) for s in mtat.SPLITS]
+    assert rows["classical"] == [str(n) for n in classical]                 # labels merged by OR
+
+
+def test_the_artist_split_warns_of_tags_it_cannot_fill(tmp_path, capsys):
+    """Too few clips for 10 positives of each tag in valid and test: the proportions still hold and the
+    short tags are named with their counts."""
+    names = [f"{part}/band{i}-album-01-song-0-29.mp3" for i, part in enumerate("0123456789ab" * 3 + "ccc" + "def" * 3)]
+    _release(tmp_path / "release", {n: b"x" for n in names})
+    assert prepare.main(["--source", "mtat", "--mtat-dir", str(tmp_path / "release"), "--out", str(tmp_path / "plan"),
+                         "--plan", "--split", "artist"]) == 0
+    captured = capsys.readouterr()
+    plan = [line.split("\t") for line in open(tmp_path / "plan" / "plan.tsv").read().splitlines()[1:]]
+    assert [sum(s == split for s, _, _ in plan) for split in ("train", "valid", "test")] == [36, 3, 9]
+    # _release tags clip i rock where i is odd, piano where i is a multiple of 3
+    tagged = {"rock": lambda i: i % 2, "piano": lambda i: i % 3 == 0}
+    count = {(tag, split): sum(s == split and bool(has(int(i))) for s, i, _ in plan)
+             for tag, has in tagged.items() for split in ("valid", "test")}
+    short = ", ".join(f"{t} (valid {count[t, 'valid']}, test {count[t, 'test']})" for t in tagged)
+    assert f"the artist split leaves 2 tags with fewer than 10 positives in valid or test: {short}" in captured.err
+    assert "Artist leakage: 0 of 48 artists" in captured.out
+
+
+def test_a_bad_tag_map_exits_2_in_one_line_before_tensorflow(tmp_path):
+    _release(tmp_path / "release", {"0/a.wav": b"", "c/b.wav": b"", "d/c.wav": b""})
+    (tmp_path / "unknown.tagmap").write_text("rock -> stone\npaino -> keys\n")
+    (tmp_path / "garbled.tagmap").write_text("# fine\nrock => stone\n")
+    code = ("import sys\nfrom tagger import prepare\nstatus = prepare.main(sys.argv[1:])\n"
+            "print(status, any(m.split('.')[0] == 'tensorflow' for m in sys.modules))")
+    import subprocess
+    import sys
+    for name, words in [("unknown.tagmap", ["line 2", "'paino'", "annotations_final.csv (its tag columns)",
+                                            "did you mean 'piano'"]),
+                        ("garbled.tagmap", ["line 2", "old -> new"]), ("absent.tagmap", ["no tag map at"])]:
+        for plan in ([], ["--plan"]):
+            args = ["--source", "mtat", "--mtat-dir", tmp_path / "release", "--out", tmp_path / "out",
+                    "--tag-map", tmp_path / name, *plan]
+            done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                                  cwd=ROOT)
+            assert done.stdout.split() == ["2", "False"], done.stderr
+            assert len(done.stderr.strip().splitlines()) == 1 and all(w in done.stderr for w in words), done.stderr
+
+
+def _songs(tmp_path, rows, header="path,tags,artist"):
+    audio = tmp_path / "audio"
+    audio.mkdir(exist_ok=True)
+    for row in rows:
+        _wav(audio / row.split(",")[0], np.random.default_rng(len(row)).integers(-9000, 9000, CLIP))
+    (tmp_path / "songs.csv").write_text("\n".join([header] + rows) + "\n")
+    return ["--source", "csv", "--csv", str(tmp_path / "songs.csv"), "--audio-root", str(audio),
+            "--clip-seconds", str(CLIP_SECONDS), "--workers", "1"]
+
+
+def test_csv_artists_keep_together_in_the_random_split(tmp_path, capsys):
+    rows = [f"s{i}.wav,{'rock' if i % 3 else 'piano'},band {i % 40}" for i in range(160)]
+    args = _songs(tmp_path, rows)
+    assert prepare.main(args + ["--out", str(tmp_path / "plan"), "--plan", "--seed", "4"]) == 0
+    from tagger import artists
+    by_artist = artists.read_artists(tmp_path / "plan")
+    assert by_artist == {i + 1: f"band {i % 40}" for i in range(160)}
+    where = {}
+    for line in open(tmp_path / "plan" / "plan.tsv").read().splitlines()[1:]:
+        split, clip_id, _ = line.split("\t")
+        where.setdefault(by_artist[int(clip_id)], set()).add(split)
+    assert all(len(s) == 1 for s in where.values()) and len(set().union(*where.values())) > 1
+    assert "Artist leakage: 0 of 40 artists" in capsys.readouterr().out
+    # without the artist column, the row-by-row split of before; no artists.tsv, and leakage not known
+    (tmp_path / "songs.csv").write_text("path,tags\n" + "".join(r.rsplit(",", 1)[0] + "\n" for r in rows))
+    assert prepare.main(args + ["--out", str(tmp_path / "plan"), "--plan", "--seed", "4"]) == 0
+    assert artists.read_artists(tmp_path / "plan") is None
+    assert "Artist leakage: not known (the CSV has no artist column)" in capsys.readouterr().out
+
+
+def test_manifest_records_leakage_and_the_map_and_a_resume_checks_them(tmp_path, capsys):
+    rows = ["a.wav,rock;loud,x,train", "b.wav,rock,y,train", "c.wav,piano;rock,x,valid", "d.wav,rock;piano,z,test",
+            "e.wav,piano,y,test"]
+    args = _songs(tmp_path, rows, "path,tags,artist,split")
+    (tmp_path / "stone.tagmap").write_text("rock -> stone\nloud ->\n")
+    mapped = args + ["--out", str(tmp_path / "mapped"), "--tag-map", str(tmp_path / "stone.tagmap"), "--min-count", "2"]
+    assert prepare.main(mapped) == 0
+    manifest = json.load(open(tmp_path / "mapped" / "manifest.json"))
+    assert manifest["tags"] == ["stone"]                     # piano: 0 in train, under --min-count 2
+    assert manifest["tag_map"] == {"rock": "stone", "loud": None} and manifest["min_count"] == 2
+    assert manifest["tags_dropped"] == ["piano"]
+    stone = {s: sum("rock" in r.split(",")[1] for r in rows if r.endswith(s)) for s in ("valid", "test")}
+    assert manifest["few_positives"] == {"minimum": 10, "tags": {"stone": stone}}
+    assert manifest["leakage"] == {"artists": 3, "shared": 2, "shared_by_pair": {"train/valid": 1, "train/test": 1,
+                                                                                 "valid/test": 0},
+                                   "test_clips": 2, "test_clips_with_train_artist": 1}
+    assert open(tmp_path / "mapped" / "artists.tsv").read() == "clip_id\tartist\n1\tx\n2\ty\n3\tx\n4\tz\n5\ty\n"
+    (tmp_path / "other.tagmap").write_text("rock -> stone\n")
+    assert prepare.main(mapped[:-4] + ["--tag-map", str(tmp_path / "other.tagmap"), "--min-count", "2"]) == 2
+    assert "other settings (tag_map differ)" in capsys.readouterr().err
+    assert prepare.main(mapped[:-2]) == 2                   # without --min-count: piano comes back too
+    assert "other settings (tags, min_count differ)" in capsys.readouterr().err
+    # without a split column the split is drawn, artist by artist: the seed is recorded, another one refused
+    (tmp_path / "songs.csv").write_text("path,tags,artist\n" + "".join(r.rsplit(",", 1)[0] + "\n" for r in rows))
+    plain = args + ["--out", str(tmp_path / "plain"), "--seed", "4"]
+    assert prepare.main(plain) == 0
+    settings = tmp_path / "plain" / "prepare_settings.json"
+    recorded = json.load(open(settings))
+    assert recorded["tag_map"] is None and recorded["min_count"] is None and recorded["seed"] == 4
+    assert prepare.main(plain[:-1] + ["5"]) == 2
+    assert "seed differ" in capsys.readouterr().err
+    # a folder prepared before tag maps: its record has no tag_map, min_count or seed, and resumes
+    settings.write_text(json.dumps({k: v for k, v in recorded.items() if k not in ("tag_map", "min_count", "seed")}))
+    assert prepare.main(plain) == 0
+    assert prepare.main(plain + ["--tag-map", str(tmp_path / "other.tagmap")]) == 2
+    assert "tag_map differ" in capsys.readouterr().err

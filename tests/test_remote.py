@@ -36,12 +36,12 @@ def test_train_evaluate_and_export_on_a_remote_filesystem(tiny_records, ram, cap
     for folder, names in ((f"{ram}/runs/r", ["config.json", "metrics.json", "per_tag.csv", "per_tag.png",
                                              "checkpoint/state.json"]),
                           (f"{ram}/models/r", ["saved_model.pb", "tags.json", "config.json", "metrics.json",
-                                               "model.keras"])):
+                                               "thresholds.json", "model.keras", "eval-test/predictions.npz"])):
         for name in names:
             assert tf.io.gfile.exists(f"{folder}/{name}"), f"{folder}/{name}"
     assert tf.io.gfile.glob(f"{ram}/runs/r/train/events.out.tfevents.*")
     export = tf.saved_model.load(f"{ram}/models/r")
-    assert set(export.signatures) == {"serving_default", "tag_track", "tag_windows", "tag_names", "embed"}
+    assert set(export.signatures) == {"serving_default", "tag_track", "tag_windows", "tag_names", "embed", "decide"}
     metrics = json.loads(tf.io.gfile.GFile(f"{ram}/models/r/metrics.json").read())
 
     assert evaluate.main(["--model", f"{ram}/models/r"]) == 0

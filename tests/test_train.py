@@ -48,7 +48,7 @@ def test_crnn_smoke_run_writes_everything(crnn_run, tiny_records):
     assert re.search(r"^Devices: CPU only, \d+ cores", r.stderr, re.M), r.stderr[-2000:]
     settings = next(line for line in r.stderr.splitlines() if line.startswith("Settings: "))
     assert "optimizer=adam" in settings and " momentum=" not in settings     # SGD's setting, not Adam's
-    assert "Evaluating on the test split (9 clips)..." in r.stderr and f"Exporting the SavedModel to {export}/" in r.stderr
+    assert "then evaluating on the test split (9 clips)..." in r.stderr and f"Exporting the SavedModel to {export}/" in r.stderr
 
 
 def test_running_a_finished_run_again_changes_nothing(crnn_run, tiny_records):
