@@ -113,6 +113,10 @@ def main_guard(prog, run, args):
     except KeyboardInterrupt:
         sys.stderr.write(f"\n{prog}: interrupted; finished work is kept, run the same command to go on\n")
         return 130
+    except BrokenPipeError:
+        # The reader of stdout stopped (`| head`): no traceback, and no second error when Python flushes.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 # The info and warning lines TensorFlow's C++ side writes while it is imported: absl's (TF 2.17 and later),

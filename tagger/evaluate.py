@@ -98,13 +98,18 @@ def add_intervals(metrics, y, p, tags, groups, unit, resamples, seed, vector=Non
     return metrics
 
 
+def with_interval(metrics, key):
+    """A figure of metrics.json as text, its 95 % interval beside it where it has one."""
+    value, ci = metrics.get(key), metrics.get(f"{key}_ci")
+    if value is None:
+        return "-"
+    return f"{value:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+
+
 def summary(metrics, split, clips):
     """The lines a report prints: figures with their intervals, and what the intervals and F1 rest on."""
     def figure(name, key):
-        value, ci = metrics.get(key), metrics.get(f"{key}_ci")
-        if value is None:
-            return f"{name} -"
-        return f"{name} {value:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+        return f"{name} {with_interval(metrics, key)}"
     lines = [f"{split}: {figure('ROC-AUC', 'roc_auc')}  {figure('PR-AUC', 'pr_auc')}  ({plural(clips, 'clip')})"]
     if metrics.get("macro_f1") is not None or metrics.get("micro_f1") is not None:
         t = metrics["thresholds"]

@@ -329,7 +329,8 @@ def paired_bootstrap(a, b, name_a, name_b, out, resamples, seed):
     unit = str(pa["unit"])
     result = {"a": a, "b": b, "resamples": resamples, "seed": seed, "unit": unit,
               "groups": int(len(set(groups.tolist()))), "clips": int(len(y))}
-    print(f"Paired bootstrap over {resamples} resamples of {result['groups']} {unit}s ({len(y)} test clips):")
+    print(f"Paired bootstrap over {resamples} resamples of {result['groups']} {unit}s ({len(y)} test clips); "
+          f"A = {name_a}, B = {name_b}:")
     for key, name in (("roc_auc", "ROC-AUC"), ("pr_auc", "PR-AUC")):
         va, vb = (float(decisions.macro(point[key])[0]) for point in (point_a, point_b))
         diff = boot[f"macro_{key}"] - boot["extra"][0][f"macro_{key}"]
@@ -338,8 +339,8 @@ def paired_bootstrap(a, b, name_a, name_b, out, resamples, seed):
         share = float(np.mean(diff > 0))
         result[key] = {"a": va, "b": vb, "difference": va - vb, "interval": [low, high],
                        "share_of_resamples_a_ahead": share}
-        print(f"  macro {name}: {name_a} {va:.4f}, {name_b} {vb:.4f}; difference {va - vb:+.4f} "
-              f"[95 % interval {low:+.4f}, {high:+.4f}]; the share of resamples in which {name_a} is ahead: {share:.3f}")
+        print(f"  macro {name}: A {va:.4f}, B {vb:.4f}; A - B {va - vb:+.4f} [95 % interval {low:+.4f}, {high:+.4f}]; "
+              f"the share of resamples in which A is ahead: {share:.3f}")
     files.write_text(f"{out}/paired.json", json.dumps(result, indent=1))
     return f"{out}/paired.json"
 

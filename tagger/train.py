@@ -267,7 +267,9 @@ def run(cfg):
     if done:
         folder, metrics = done
         test = metrics["test"]
-        print(f"{cfg.run_name} is finished: test ROC-AUC {test['roc_auc']:.4f}, PR-AUC {test['pr_auc']:.4f}; its "
+        from tagger.evaluate import with_interval
+        print(f"{cfg.run_name} is finished: test ROC-AUC {with_interval(test, 'roc_auc')}, PR-AUC "
+              f"{with_interval(test, 'pr_auc')}; its "
               f"export is {folder}/ (nothing changed; --run-name or other settings start another run)")
         return EXIT_OK
     print(("Demo settings (no --data): " if cfg.demo else "Settings: ") + ", ".join(
@@ -414,7 +416,8 @@ def run(cfg):
     evaluate.write_evaluation(f"{out}/eval-test", test, pred, tags, groups, unit, manifest["tag_counts"]["train"],
                               f"{cfg.run_name} on {cfg.data} (test)", cfg.data, "test",
                               {"data": cfg.data, "model": out})
-    print(f"\nTest ROC-AUC {test['roc_auc']:.4f}, PR-AUC {test['pr_auc']:.4f} on {len(pred['labels'])} clips "
+    print(f"\nTest ROC-AUC {evaluate.with_interval(test, 'roc_auc')}, PR-AUC {evaluate.with_interval(test, 'pr_auc')} "
+          f"on {len(pred['labels'])} clips "
           f"({cfg.arch}, epoch {exported_epoch} of {cfg.epochs}, {train_seconds:.0f} s training, "
           f"{time.time() - started:.0f} s in all)")
     print("\n".join(evaluate.summary(test, "  test", len(pred["labels"]))[1:]))

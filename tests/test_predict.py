@@ -127,6 +127,20 @@ def test_both_decoders_tag_alike(crnn_run, music):
                                    atol=1e-4 if path.endswith(".mp3") else 1e-6, err_msg=path)
 
 
+def test_a_reader_that_stops_early_gets_no_traceback(crnn_run, music):
+    """`predict ... | head -1`: the pipe closes while predict still writes (half a megabyte of CSV here,
+    beyond any pipe buffer); predict ends quietly."""
+    model = crnn_run[0] / "models" / "crnn"
+    p = subprocess.Popen([sys.executable, "-m", "tagger.predict", str(music / "album" / "three-minutes.wav"),
+                          "--model", str(model), "--format", "csv", "--timeline", "--hop", "0.25", "--top-k", "0",
+                          "--threshold", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert p.stdout.readline().decode() == "path,start,rank,tag,probability\n"
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 141 and "Traceback" not in err and "Error" not in err, err[-2000:]
+
+
 def test_a_corrupt_file_among_good_ones(crnn_run, music, tmp_path):
     model = crnn_run[0] / "models" / "crnn"
     (tmp_path / "broken.mp3").write_bytes(b"\x00garbage" * 300)
