@@ -352,7 +352,8 @@ def stage_bootstrap(quick):
 
 
 def run_stage(name, quick, precision, archs):
-    quiet_tensorflow()
+    if name != "bootstrap":          # numpy alone: its memory figure is the bootstrap's, not TensorFlow's
+        quiet_tensorflow()
     if name.endswith("_train"):
         result = stage_train(name[:-len("_train")], quick, precision)
     else:

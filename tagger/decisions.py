@@ -67,15 +67,23 @@ def choose_threshold(y, p, rule, min_positives=MIN_POSITIVES):
     return float(scores[np.flatnonzero(recall >= float(level))[0]]), None
 
 
-def choose_thresholds(y, p, tags, rule, split, data, min_positives=MIN_POSITIVES):
-    """thresholds.json's content: the rule, where the thresholds were chosen, and per tag its threshold
-    (None where it has none), the positives behind it and a note where it has none."""
+def clip_keys(pred):
+    """A short key per clip of predictions ({"clip_id", "path"}), sorted: what thresholds.json records of
+    the clips its thresholds were chosen on, so no figure is reported on them."""
+    import hashlib
+    return sorted(hashlib.sha1(f"{int(c)}\t{p}".encode()).hexdigest()[:16] for c, p in zip(pred["clip_id"], pred["path"]))
+
+
+def choose_thresholds(y, p, tags, rule, split, data, min_positives=MIN_POSITIVES, clip_keys=None):
+    """thresholds.json's content: the rule, where the thresholds were chosen (and `clip_keys`, on which
+    clips), and per tag its threshold (None where it has none), the positives behind it and a note
+    where it has none."""
     per_tag = {}
     for i, tag in enumerate(tags):
         threshold, note = choose_threshold(y[:, i], p[:, i], rule, min_positives)
         per_tag[tag] = {"threshold": threshold, "positives": int(np.asarray(y)[:, i].sum()), "note": note}
     return {"rule": rule, "split": split, "data": data, "clips": int(len(y)), "min_positives": min_positives,
-            "tags": per_tag}
+            "tags": per_tag, **({"clip_keys": clip_keys} if clip_keys is not None else {})}
 
 
 def threshold_vector(thresholds, tags):
@@ -95,16 +103,23 @@ def without_threshold(thresholds):
 
 def weighted_auc(W, y, p):
     """ROC-AUC and average precision (as sklearn computes them, ties included) of one tag under each
-    row of clip weights `W` (resamples, clips). Returns two arrays of length resamples, nan where a row
+    row of whole-number clip weights `W` (resamples, clips). Returns two arrays of length resamples, nan where a row
     has no positive or no negative weight."""
     order = np.argsort(-p, kind="mergesort")
     s, t = p[order], y[order].astype(bool)
     last = np.r_[s[1:] != s[:-1], True]
+    ends = np.flatnonzero(last)
     Wo = W[:, order]
-    tp = np.cumsum(Wo * t, axis=1)[:, last]
-    fp = np.cumsum(Wo * ~t, axis=1)[:, last]
+    # Weights are whole numbers: summed exactly as integers, then divided in float64. One running sum
+    # over all clips, one over the (few) positives; the false positives are the difference.
+    total = np.cumsum(Wo, axis=1)[:, ends]
+    positives = np.flatnonzero(t)
+    upto = np.searchsorted(positives, ends, side="right")
+    running = np.hstack([np.zeros((len(W), 1), dtype=total.dtype), np.cumsum(Wo[:, positives], axis=1)])
+    tp = running[:, upto].astype(np.float64)
+    fp = total - tp
     pos, neg = tp[:, -1], fp[:, -1]
-    zero = np.zeros((len(W), 1), dtype=W.dtype)
+    zero = np.zeros((len(W), 1))
     tp0, fp0 = np.hstack([zero, tp]), np.hstack([zero, fp])
     dtp = np.diff(tp0, axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -118,7 +133,7 @@ def weighted_auc(W, y, p):
 def weighted_counts(W, y, decided):
     """True positives, false positives and false negatives of one tag's decisions under each row of W."""
     y = y.astype(bool)
-    return W @ (y & decided), W @ (~y & decided), W @ (y & ~decided)
+    return tuple(W[:, mask].sum(axis=1, dtype=np.float64) for mask in (y & decided, ~y & decided, y & ~decided))
 
 
 def f1_from_counts(tp, fp, fn):
@@ -129,7 +144,7 @@ def f1_from_counts(tp, fp, fn):
 def figures(W, y, p, thresholds=None):
     """Every figure under each row of clip weights W: per-tag ROC-AUC, PR-AUC (resamples, tags), and
     with `thresholds` (+inf: none) per-tag precision, recall, F1 and micro F1 at them."""
-    W = np.atleast_2d(np.asarray(W, dtype=np.float32))  # whole counts: exact
+    W = np.atleast_2d(np.asarray(W)).astype(np.int32)   # multiplicities
     y, p = np.asarray(y), np.asarray(p, dtype=np.float64)
     tags = y.shape[1]
     out = {"roc_auc": np.empty((len(W), tags)), "pr_auc": np.empty((len(W), tags))}

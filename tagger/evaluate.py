@@ -12,7 +12,6 @@ out of the macro averages, with a warning. F1 is reported at the export's stored
 on the validation split after training; never rewritten here), or at thresholds chosen for this
 report with --threshold-rule; never on the split the thresholds were chosen on.
 """
-import hashlib
 import io
 import json
 import os
@@ -86,7 +85,7 @@ def add_intervals(metrics, y, p, tags, groups, unit, resamples, seed, vector=Non
             metrics[f"{key}_ci"] = decisions.interval(boot[samples])
     for i, tag in enumerate(tags):
         m = metrics["per_tag"][tag]
-        for key in ("roc_auc", "pr_auc", "f1"):
+        for key in ("roc_auc", "pr_auc", "precision", "recall", "f1"):
             if m.get(key) is not None:
                 m[f"{key}_ci"] = decisions.interval(boot[key][:, i])
     defined = [i for i, t in enumerate(tags) if metrics["per_tag"][t]["roc_auc"] is not None]
@@ -133,13 +132,14 @@ def write_per_tag_csv(path, metrics, train_counts):
 
     def ci(value):
         return ["", ""] if not value else [f"{value[0]:.4f}", f"{value[1]:.4f}"]
-    rows = [["tag", "roc_auc", "roc_auc_low", "roc_auc_high", "pr_auc", "pr_auc_low", "pr_auc_high", "threshold",
-             "precision", "recall", "f1", "f1_low", "f1_high", "positives", "train_count"]]
+    figures = ("roc_auc", "pr_auc", "precision", "recall", "f1")
+    rows = [["tag", *(f"{k}{end}" for k in figures[:2] for end in ("", "_low", "_high")), "threshold",
+             *(f"{k}{end}" for k in figures[2:] for end in ("", "_low", "_high")), "positives", "train_count"]]
     for tag, m in metrics["per_tag"].items():
-        rows.append([tag, number(m["roc_auc"]), *ci(m.get("roc_auc_ci")), number(m["pr_auc"]), *ci(m.get("pr_auc_ci")),
-                     "" if m.get("threshold") is None else f"{m['threshold']:.6g}", number(m.get("precision")),
-                     number(m.get("recall")), number(m.get("f1")), *ci(m.get("f1_ci")), m["positives"],
-                     train_counts.get(tag, 0)])
+        values = {k: [number(m.get(k)), *ci(m.get(f"{k}_ci"))] for k in figures}
+        rows.append([tag, *values["roc_auc"], *values["pr_auc"],
+                     "" if m.get("threshold") is None else f"{m['threshold']:.6g}",
+                     *values["precision"], *values["recall"], *values["f1"], m["positives"], train_counts.get(tag, 0)])
     files.write_text(path, files.csv_text(rows))
 
 
@@ -152,8 +152,8 @@ def per_tag_figure(metrics, train_counts, title):
     tags = list(metrics["per_tag"])
     per_tag = [metrics["per_tag"][t] for t in tags]
     auc = [m["roc_auc"] or 0.0 for m in per_tag]
-    errors = np.array([[a - (m.get("roc_auc_ci") or [a, a])[0], (m.get("roc_auc_ci") or [a, a])[1] - a]
-                       for a, m in zip(auc, per_tag)]).T
+    errors = np.maximum(0.0, np.array([[a - (m.get("roc_auc_ci") or [a, a])[0], (m.get("roc_auc_ci") or [a, a])[1] - a]
+                                       for a, m in zip(auc, per_tag)]).T)
     f1 = [m.get("f1") for m in per_tag]
     fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(tags) + 2), 4.2))
     ax.bar(range(len(tags)), auc, color="tab:red", label="ROC-AUC", yerr=errors, error_kw={"lw": 0.6})
@@ -313,8 +313,26 @@ def read_local_manifest(data_dir):
     return json.loads(files.read_text(path))
 
 
-def manifest_sha256(data_dir):
-    return hashlib.sha256(files.read_bytes(f"{data_dir}/manifest.json")).hexdigest()
+def chosen_on(thresholds, pred, data_dir, split):
+    """Whether any of the predicted clips is one the thresholds were chosen on (thresholds recorded
+    before clip keys existed: the same data folder and split)."""
+    if "clip_keys" in thresholds:
+        return not set(thresholds["clip_keys"]).isdisjoint(decisions.clip_keys(pred))
+    same = os.path.normpath(str(thresholds.get("data"))) == os.path.normpath(str(data_dir))
+    return same and thresholds.get("split") == split
+
+
+def mapped_thresholds(thresholds, model_tags, mapping):
+    """The export's thresholds for the tags after a tag map: a renamed tag keeps its own; a merged tag
+    (its score the maximum of several) has none."""
+    from tagger import tagmap
+    per_tag = {}
+    for new, group in tagmap.apply(model_tags, mapping)[1].items():
+        if len(group) == 1:
+            per_tag[new] = thresholds["tags"].get(model_tags[group[0]], {"threshold": None, "note": "not stored"})
+        else:
+            per_tag[new] = {"threshold": None, "positives": None, "note": "merged by the tag map"}
+    return {**thresholds, "tags": per_tag}
 
 
 def stored_thresholds(model_dir):
@@ -362,31 +380,34 @@ def run(args):
         return pred, tags
 
     out = (args.out or f"{model_dir}/eval-{args.split}").rstrip("/")
-    sha = manifest_sha256(data_dir)
     thresholds, note = stored_thresholds(model_dir), None
     if args.threshold_rule:
         print(f"Choosing thresholds on the valid split ({args.threshold_rule} rule)...", file=sys.stderr)
         valid, tags = predict("valid")
         thresholds = decisions.choose_thresholds(valid["labels"], valid["probabilities"], tags, args.threshold_rule,
-                                                 "valid", data_dir)
-        thresholds.update(source="tagger.evaluate", manifest_sha256=sha)
+                                                 "valid", data_dir, clip_keys=decisions.clip_keys(valid))
+        thresholds["source"] = "tagger.evaluate"
         files.makedirs(out)
         files.write_text(f"{out}/{THRESHOLDS}", json.dumps(thresholds, indent=1))
     elif thresholds is None:
         note = f"{model_dir} stores no thresholds (older or converted): pass --threshold-rule to choose some"
-    elif thresholds.get("manifest_sha256") == sha and thresholds["split"] == args.split:
-        thresholds, note = None, (f"the thresholds were chosen on this split ({args.split} of {data_dir}): F1 "
-                                  "there would flatter them; evaluate another split")
     elif mapping:
-        changed = set(mapping) | {v for v in mapping.values() if v}
-        thresholds = {**thresholds, "tags": {t: v for t, v in thresholds["tags"].items() if t not in changed}}
+        thresholds = mapped_thresholds(thresholds, config["tags"], mapping)
     pred, tags = predict(args.split)
+    if thresholds and chosen_on(thresholds, pred, data_dir, args.split):
+        thresholds, note = None, (f"the thresholds were chosen on clips of this split ({args.split} of {data_dir}): "
+                                  "F1 there would flatter them; evaluate another split")
     groups, unit = artists(data_dir, manifest, pred["clip_id"], pred["path"])
     print(f"Bootstrapping {args.bootstrap} resamples of {plural(len(set(groups)), unit)}...", file=sys.stderr)
     metrics = evaluate_split(pred, tags, groups, unit, thresholds, args.bootstrap, args.seed, note)
     extra = {"data": data_dir, "model": model_dir, **({"tag_map": mapping} if mapping else {})}
-    write_evaluation(out, metrics, pred, tags, groups, unit, manifest["tag_counts"]["train"],
-                     f"{model_dir} on {data_dir} ({args.split})", data_dir, args.split, extra)
+    counts = manifest["tag_counts"]["train"]
+    if mapping:
+        from tagger import tagmap
+        counts = {new: sum(counts.get(manifest["tags"][i], 0) for i in group)
+                  for new, group in tagmap.apply(manifest["tags"], mapping)[1].items()}
+    write_evaluation(out, metrics, pred, tags, groups, unit, counts, f"{model_dir} on {data_dir} ({args.split})",
+                     data_dir, args.split, extra)
     print("\n".join(summary(metrics, args.split, len(pred["labels"]))))
     written = f"{out}/metrics.json, per_tag.csv, per_tag.png, {PREDICTIONS}"
     print(f"Wrote {written}" + (f" and {THRESHOLDS}" if args.threshold_rule else ""))

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import sys
+import warnings
 
 from tagger import files, models
 from tagger.config import arch_list
@@ -311,6 +312,10 @@ def paired_bootstrap(a, b, name_a, name_b, out, resamples, seed):
             print(f"No paired bootstrap: {folder} has no saved test predictions (eval-test/{evaluate.PREDICTIONS}): "
                   f"python -m tagger.evaluate --model {folder} writes them")
             return None
+    for folder, pred in ((a, pa), (b, pb)):
+        if str(pred["split"]) != "test":
+            raise UsageError(f"{folder}/eval-test/{evaluate.PREDICTIONS} holds predictions of the {pred['split']} split: "
+                             f"python -m tagger.evaluate --model {folder} writes the test split's")
     if len(pa["clip_id"]) != len(pb["clip_id"]) or set(pa["clip_id"].tolist()) != set(pb["clip_id"].tolist()):
         raise UsageError(f"{a} and {b} were evaluated on different test clips ({pa['data']}, {pb['data']}): "
                          "evaluate both on the same --data with python -m tagger.evaluate")
@@ -323,24 +328,24 @@ def paired_bootstrap(a, b, name_a, name_b, out, resamples, seed):
         raise UsageError(f"{a} and {b} were evaluated on test clips with different labels: evaluate both on the "
                          "same --data")
     boot = decisions.bootstrap(y, pa["probabilities"], groups, resamples, seed, extra=[pb["probabilities"][order]])
-    ones = np.ones((1, len(y)))
-    point_a = decisions.figures(ones, y, pa["probabilities"])
-    point_b = decisions.figures(ones, y, pb["probabilities"][order])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # tags with one class: said by tagger.evaluate already
+        point_a, point_b = (evaluate.tag_metrics(y, p, pa["tags"]) for p in (pa["probabilities"], pb["probabilities"][order]))
     unit = str(pa["unit"])
-    result = {"a": a, "b": b, "resamples": resamples, "seed": seed, "unit": unit,
-              "groups": int(len(set(groups.tolist()))), "clips": int(len(y))}
+    result = {"a": a, "b": b, "data": str(pa["data"]), "split": "test", "resamples": resamples, "seed": seed,
+              "unit": unit, "groups": int(len(set(groups.tolist()))), "clips": int(len(y))}
     print(f"Paired bootstrap over {resamples} resamples of {result['groups']} {unit}s ({len(y)} test clips); "
           f"A = {name_a}, B = {name_b}:")
     for key, name in (("roc_auc", "ROC-AUC"), ("pr_auc", "PR-AUC")):
-        va, vb = (float(decisions.macro(point[key])[0]) for point in (point_a, point_b))
+        va, vb = point_a[key], point_b[key]
         diff = boot[f"macro_{key}"] - boot["extra"][0][f"macro_{key}"]
         diff = diff[np.isfinite(diff)]
         low, high = decisions.interval(diff)
-        share = float(np.mean(diff > 0))
+        share, tied = float(np.mean(diff > 0)), float(np.mean(diff == 0))
         result[key] = {"a": va, "b": vb, "difference": va - vb, "interval": [low, high],
-                       "share_of_resamples_a_ahead": share}
+                       "share_of_resamples_a_ahead": share, "share_of_resamples_tied": tied}
         print(f"  macro {name}: A {va:.4f}, B {vb:.4f}; A - B {va - vb:+.4f} [95 % interval {low:+.4f}, {high:+.4f}]; "
-              f"the share of resamples in which A is ahead: {share:.3f}")
+              f"the share of resamples in which A is ahead: {share:.3f}" + (f" (tied: {tied:.3f})" if tied else ""))
     files.write_text(f"{out}/paired.json", json.dumps(result, indent=1))
     return f"{out}/paired.json"
 

@@ -99,13 +99,14 @@ def tag_counts(clips):
     return Counter(t for c in clips for t in c.labels)
 
 
-def select_tags(tag_columns, clips, top_n=50):
+def select_tags(tag_columns, clips, top_n=50, canonical=True):
     """The model's output tags, in output order.
 
     The real release gets the canonical 50 (CANONICAL_TAGS); any other annotations (the demo, a
-    subset) get their `top_n` most frequent tags, ties in column order.
+    subset, or the release's labels after a tag map: `canonical` False) get their `top_n` most
+    frequent tags, ties in column order.
     """
-    if top_n == 50 and set(CANONICAL_TAGS) <= set(tag_columns):
+    if canonical and top_n == 50 and set(CANONICAL_TAGS) <= set(tag_columns):
         return list(CANONICAL_TAGS)
     counts = tag_counts(clips)
     order = sorted(range(len(tag_columns)), key=lambda i: (-counts[tag_columns[i]], i))

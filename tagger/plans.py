@@ -40,7 +40,7 @@ def mtat_plan(annotations_path, split_rule, top_tags, seed=0, tag_map=None):
         clips = [replace(c, labels=tagmap.relabel(c.labels, mapping)) for c in clips]
     # a release the demo generator wrote (--source demo, or --source mtat on its folder): a clip an artist
     artist_of = demo.artist if demo.is_demo_release(c.path for c in clips) else mtat.artist
-    tags = mtat.select_tags(columns, clips, top_tags)
+    tags = mtat.select_tags(columns, clips, top_tags, canonical=mapping is None)
     splits = mtat.split_clips(clips, tags, split_rule, seed, artist_of)
     wanted = set(tags)
     return Plan({s: [(c.clip_id, c.path, sorted(c.labels & wanted, key=tags.index)) for c in cs]

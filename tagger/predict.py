@@ -283,14 +283,22 @@ def top_tags(probs, tags, k, thresholds=None):
 
 def decision_thresholds(model_dir, tags, threshold):
     """The per-tag thresholds predict decides by: --threshold for every tag when given, else the
-    export's stored ones (+inf for a tag without one), else None (the top-k alone), said once."""
+    export's stored ones (+inf for a tag without one), else None (the top-k alone). Says once on
+    stderr when an export has none, or tags without one."""
+    from tagger import decisions, evaluate
     if threshold is not None:
         return [threshold] * len(tags)
-    path = f"{model_dir}/thresholds.json"
-    if files.exists(path):
-        stored = json.loads(files.read_text(path))["tags"]
-        return [math.inf if stored.get(t, {}).get("threshold") is None else stored[t]["threshold"] for t in tags]
-    return None
+    stored = evaluate.stored_thresholds(model_dir)
+    if stored is None:
+        print(f"{model_dir} has no per-tag thresholds (a converted model or an older export): showing the most "
+              "probable tags (--top-k; --threshold X decides every tag at X)", file=sys.stderr)
+        return None
+    vector = decisions.threshold_vector(stored, tags)
+    missing = int((vector == math.inf).sum())
+    if missing:
+        print(f"{missing} of the {len(tags)} tags have no threshold and are never decided (thresholds.json says "
+              "why; --threshold X decides every tag at X)", file=sys.stderr)
+    return vector.tolist()
 
 
 def write_output(results, tags, args, thresholds=None, out=sys.stdout):
@@ -363,10 +371,6 @@ def run(args):
     decoder = audio.resolve_decoder(args.decoder)
     tags, window, serving = load_tagger(model_dir, embeddings=bool(args.embeddings))
     thresholds = decision_thresholds(model_dir, tags, args.threshold)
-    if thresholds is None:
-        cap = f"top {args.top_k}" if args.top_k else "all"
-        print(f"{model_dir} has no per-tag thresholds (a converted model or an older export): showing the {cap} "
-              "tags by probability (--threshold X decides at X)", file=sys.stderr)
     hop = int(round(args.hop * SAMPLE_RATE)) if args.hop else window["hop"]
     failures = []
 

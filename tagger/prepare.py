@@ -68,6 +68,9 @@ def parse_args(argv):
         p.error("--source mtat needs --mtat-dir DIR (the unzipped release with annotations_final.csv)")
     if args.source == "csv" and not (args.csv and args.audio_root):
         p.error("--source csv needs --csv FILE and --audio-root DIR")
+    if args.source == "csv" and args.split != "folder":
+        p.error(f"--split {args.split} is for --source mtat and demo: a CSV's split column decides, else a seeded "
+                "80/10/10 split (artist by artist where it has an artist column)")
     return args
 
 

@@ -386,8 +386,7 @@ def run(cfg):
     valid = evaluate.predict_split(model.predict_on_batch, cfg.data, "valid", layout, cfg.batch_size, manifest,
                                    input_shape)
     thresholds = decisions.choose_thresholds(valid["labels"], valid["probabilities"], tags, cfg.threshold_rule,
-                                             "valid", cfg.data)
-    thresholds["manifest_sha256"] = info["manifest_sha256"]
+                                             "valid", cfg.data, clip_keys=decisions.clip_keys(valid))
     pred = evaluate.predict_split(model.predict_on_batch, cfg.data, "test", layout, cfg.batch_size, manifest,
                                   input_shape)
     groups, unit = evaluate.artists(cfg.data, manifest, pred["clip_id"], pred["path"])

@@ -108,7 +108,7 @@ def test_bootstrap_resamples_whole_groups_and_leaves_out_tags_without_positives(
 
 def test_artist_intervals_cover_the_true_auc_and_clip_intervals_do_not():
     """Clips clustered by artist (an artist's offset shifts all its scores; artists differ in how many
-    of their clips carry the tag): the population ROC-AUC is Phi(d / 2). Over 200 data sets, the 95 %
+    of their clips carry the tag): the population ROC-AUC is Phi(d / 2). Over 400 data sets, the 95 %
     interval from resampling artists holds it near 95 % of the time; resampling clips, as if they were
     independent, far less often."""
     rng = np.random.default_rng(1)
@@ -116,19 +116,19 @@ def test_artist_intervals_cover_the_true_auc_and_clip_intervals_do_not():
     true = norm.cdf(d / 2)
     group = np.repeat(np.arange(artists), per_artist)
     covered = {"artist": 0, "clip": 0}
-    draws = 200
+    draws = 400
     for k in range(draws):
         y = (rng.random(artists * per_artist) < rng.beta(0.6, 1.4, artists)[group]).astype(int)
         s = d * y + rng.normal(0, 1, artists)[group] + rng.normal(0, 1, artists * per_artist)
         for unit, groups in (("artist", group), ("clip", np.arange(len(y)))):
-            low, high = decisions.interval(decisions.bootstrap(y[:, None], s[:, None], groups, 400, seed=k)
+            low, high = decisions.interval(decisions.bootstrap(y[:, None], s[:, None], groups, 300, seed=k)
                                            ["macro_roc_auc"])
             covered[unit] += low <= true <= high
     artist, clip = covered["artist"] / draws, covered["clip"] / draws
-    # Within 0.03 of 95 % (the Monte Carlo error over 200 draws is 0.015, and percentile intervals
-    # from 50 clusters run a little narrow).
-    assert 0.92 <= artist <= 0.98, artist
-    assert clip <= 0.8 and clip < artist - 0.15, (clip, artist)
+    # Within 0.05 of 95 %: four Monte Carlo standard errors over 400 draws (0.011), and percentile
+    # intervals from 50 clusters run a little narrow (0.89 to 0.95 over other seeds of this test).
+    assert 0.90 <= artist <= 0.99, artist
+    assert clip <= 0.85 and clip < artist - 0.1, (clip, artist)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,7 +226,7 @@ def test_predict_decides_by_the_stored_thresholds_in_every_format(export, song, 
     assert r.stderr.count("has no per-tag thresholds") == 1
 
 
-def test_evaluate_with_a_rule_never_touches_the_export(export, tmp_path):
+def test_evaluate_with_a_rule_never_touches_the_export(export, tiny_records, tmp_path):
     before = (export / "thresholds.json").read_bytes()
     r = run_cli("tagger.evaluate", "--model", export, "--threshold-rule", "recall:0.5", "--bootstrap", "200",
                 "--out", tmp_path / "report")
@@ -240,7 +240,15 @@ def test_evaluate_with_a_rule_never_touches_the_export(export, tmp_path):
     r = run_cli("tagger.evaluate", "--model", export, "--split", "valid", "--bootstrap", "50", "--out", tmp_path / "v")
     assert r.returncode == 0, r.stderr[-2000:]
     metrics = json.loads((tmp_path / "v" / "metrics.json").read_text())["valid"]
-    assert "macro_f1" not in metrics and "chosen on this split" in metrics["f1_note"] and "no F1" in r.stdout
+    assert "macro_f1" not in metrics and "chosen on clips of this split" in metrics["f1_note"] and "no F1" in r.stdout
+    # The same clips in another folder (converted again: another manifest): still refused.
+    copy = tmp_path / "again"
+    shutil.copytree(tiny_records, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "created": "later"}))
+    r = run_cli("tagger.evaluate", "--model", export, "--data", copy, "--split", "valid", "--bootstrap", "20",
+                "--out", tmp_path / "v2")
+    assert r.returncode == 0 and "no F1" in r.stdout, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("args,message", [
@@ -255,20 +263,24 @@ def test_evaluate_bad_flags_exit_2_before_tensorflow(args, message):
 
 def test_evaluate_with_a_tag_map_merges_labels_by_or_and_scores_by_max(export, tmp_path):
     tags = json.loads((export / "tags.json").read_text())
-    (tmp_path / "tags.map").write_text(f"# two merged, one dropped\n{tags[1]} -> {tags[0]}\n{tags[2]} ->\n")
+    (tmp_path / "tags.map").write_text(f"# two merged, one dropped, one renamed\n{tags[1]} -> {tags[0]}\n{tags[2]} ->\n"
+                                       f"{tags[3]} -> renamed\n")
     r = run_cli("tagger.evaluate", "--model", export, "--tag-map", tmp_path / "tags.map", "--bootstrap", "20",
                 "--out", tmp_path / "mapped")
     assert r.returncode == 0, r.stderr[-2000:]
     raw, mapped = (np.load(path / "predictions.npz") for path in (export / "eval-test", tmp_path / "mapped"))
-    assert list(mapped["tags"]) == [tags[0], *tags[3:]]
+    assert list(mapped["tags"]) == [tags[0], "renamed", *tags[4:]]
     np.testing.assert_array_equal(mapped["clip_id"], raw["clip_id"])
     np.testing.assert_array_equal(mapped["labels"][:, 0], raw["labels"][:, :2].max(axis=1))
     np.testing.assert_array_equal(mapped["labels"][:, 1:], raw["labels"][:, 3:])
     np.testing.assert_allclose(mapped["probabilities"][:, 0], raw["probabilities"][:, :2].max(axis=1), atol=1e-6)
     np.testing.assert_allclose(mapped["probabilities"][:, 1:], raw["probabilities"][:, 3:], atol=1e-6)
     metrics = json.loads((tmp_path / "mapped" / "metrics.json").read_text())
-    assert metrics["tag_map"] == {tags[1]: tags[0], tags[2]: None}
+    assert metrics["tag_map"] == {tags[1]: tags[0], tags[2]: None, tags[3]: "renamed"}
+    stored = json.loads((export / "thresholds.json").read_text())["tags"]
     assert metrics["test"]["per_tag"][tags[0]]["threshold"] is None       # merged: its stored one no longer fits
+    assert tags[0] in metrics["test"]["thresholds"]["without"]
+    assert metrics["test"]["per_tag"]["renamed"]["threshold"] == stored[tags[3]]["threshold"]   # renamed: kept
 
 
 def test_an_unknown_tag_in_the_map_exits_2_before_tensorflow(export, tmp_path):

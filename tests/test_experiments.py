@@ -94,17 +94,39 @@ def test_compare_two_models(table2):
     assert "the share of resamples in which" in r.stdout and "probability" not in r.stdout
 
 
-def test_compare_refuses_exports_evaluated_on_different_clips(table2, tiny_records, tmp_path):
+def test_compare_refuses_exports_evaluated_on_different_clips(table2, long_records, tmp_path):
     tmp, _, _ = table2
     a, b = sorted((tmp / "models").iterdir())[:2]
     other = tmp_path / "b"
     shutil.copytree(b, other)
+    # The same predictions in another order: the pairing goes by clip id, so nothing changes.
+    r = run_cli("tagger.experiments", "compare", a, b, "--out", tmp_path / "plain")
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = dict(np.load(other / "eval-test" / "predictions.npz"))
+    order = np.random.default_rng(0).permutation(len(saved["clip_id"]))
+    assert (order != np.arange(len(order))).any()
+    per_clip = ("clip_id", "path", "group", "labels", "probabilities")
+    np.savez(other / "eval-test" / "predictions.npz", **{k: v[order] if k in per_clip else v for k, v in saved.items()})
+    r = run_cli("tagger.experiments", "compare", a, other, "--out", tmp_path / "shuffled")
+    assert r.returncode == 0, r.stderr[-2000:]
+    plain, shuffled = (json.loads((tmp_path / name / "paired.json").read_text()) for name in ("plain", "shuffled"))
+    for key in ("roc_auc", "pr_auc"):
+        assert shuffled[key] == plain[key]
     shutil.rmtree(other / "eval-test")
     r = run_cli("tagger.experiments", "compare", a, other, "--out", tmp_path / "none")
     assert r.returncode == 0 and "No paired bootstrap" in r.stdout and "tagger.evaluate" in r.stdout
-    # Its report replaced by one on other clips (the train split): no pairing.
+    # Its report replaced by one of the train split, then by one of a test split of other clips.
     r = run_cli("tagger.evaluate", "--model", other, "--split", "train", "--bootstrap", "20", "--out",
                 other / "eval-test")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("tagger.experiments", "compare", a, other, "--out", tmp_path / "none")
+    assert r.returncode == 2 and "holds predictions of the train split" in r.stderr, r.stderr
+    moved = tmp_path / "moved"                    # its test split: the valid split's records
+    shutil.copytree(long_records, moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["splits"]["test"] = manifest["splits"]["valid"]
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    r = run_cli("tagger.evaluate", "--model", other, "--data", moved, "--bootstrap", "20", "--out", other / "eval-test")
     assert r.returncode == 0, r.stderr[-2000:]
     r = run_cli("tagger.experiments", "compare", a, other, "--out", tmp_path / "none")
     assert r.returncode == 2 and "different test clips" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -169,6 +169,8 @@ def test_fatal_problems_exit_2_in_one_line(tmp_path):
         ["--source", "csv", "--csv", str(tmp_path / "bad.csv"), "--audio-root", str(tmp_path), "--out", str(tmp_path / "o4")],
         ["--source", "mtat", "--mtat-dir", str(tmp_path), "--out", str(tmp_path / "o5"), "--workers", "0"],
         ["--source", "demo", "--out", "/proc/no-such-dir/demo"],                # unwritable output folder
+        ["--source", "csv", "--csv", str(tmp_path / "bad.csv"), "--audio-root", str(tmp_path), "--out",
+         str(tmp_path / "o6"), "--split", "artist"],                            # a CSV's split is its own
     ]
     shutil.copy(tmp_path / "bad.csv", tmp_path / "annotations_final.csv")
     for args in cases:
@@ -407,6 +409,22 @@ def test_tag_map_merges_before_the_tags_are_chosen_and_min_count_drops(real_rele
     rows = {r.split("\t")[0]: r.split("\t")[1:] for r in open(tmp_path / "plan" / "tag_counts.tsv").read().splitlines()}
     classical = [sum(bool({"classic", "classical"} & c.labels) for c in folder[s]) for s in mtat.SPLITS]
     assert rows["classical"] == [str(n) for n in classical]                 # labels merged by OR
+
+
+@needs_real
+def test_a_tag_map_that_keeps_the_canonical_tags_still_chooses_by_count(real_release, tmp_path, capsys):
+    """Six tags from outside the 50 merged into one that outnumbers the 50th: with a map the output tags
+    are the top 50 by count, not MTAT's canonical list."""
+    from tagger import mtat
+    root, (columns, clips) = real_release
+    counts = mtat.tag_counts(clips)
+    outside = sorted((t for t in columns if t not in mtat.CANONICAL_TAGS), key=lambda t: -counts[t])[:6]
+    (tmp_path / "six.map").write_text("".join(f"{t} -> merged six\n" for t in outside))
+    _plan_run(root, tmp_path / "plan", capsys, "--tag-map", str(tmp_path / "six.map"))
+    tags = json.load(open(tmp_path / "plan" / "tags.json"))
+    merged = sum(bool(set(outside) & c.labels) for c in clips)
+    assert merged > min(counts[t] for t in mtat.CANONICAL_TAGS)
+    assert "merged six" in tags and tags != list(mtat.CANONICAL_TAGS)
 
 
 def test_the_artist_split_warns_of_tags_it_cannot_fill(tmp_path, capsys):
