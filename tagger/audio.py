@@ -50,6 +50,14 @@ def add_decoder_flag(parser):
                         f"it loads, else soundfile (default: ${DECODER_ENV}, else auto)")
 
 
+def check_decoder_flag(parser, args):
+    """Fill in args.decoder from --decoder, else $TAGGER_DECODER, else auto; a bad value is a usage error."""
+    try:
+        args.decoder = args.decoder or requested_decoder()
+    except UsageError as e:
+        parser.error(str(e))
+
+
 @functools.lru_cache(maxsize=None)
 def tfio_problem():
     """None when tensorflow-io imports and its audio kernels load here, else the reason in a few words."""

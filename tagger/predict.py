@@ -49,10 +49,7 @@ def parse_args(argv):
     p.add_argument("--plot", metavar="DIR", help="also draw each file's taggram (tags over time) as DIR/NAME.png: "
                    "the --top-k tags, all with --top-k 0")
     args = p.parse_args(argv)
-    try:
-        args.decoder = args.decoder or audio.requested_decoder()
-    except UsageError as e:
-        p.error(str(e))
+    audio.check_decoder_flag(p, args)
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         p.error(f"--threshold {args.threshold} must be between 0 and 1")
     for flag, folder in (("--embeddings", args.embeddings), ("--plot", args.plot)):

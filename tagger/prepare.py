@@ -60,10 +60,7 @@ def parse_args(argv):
                    "if any); nothing decoded")
     audio.add_decoder_flag(p)
     args = p.parse_args(argv)
-    try:
-        args.decoder = args.decoder or audio.requested_decoder()
-    except UsageError as e:
-        p.error(str(e))
+    audio.check_decoder_flag(p, args)
     if args.source == "mtat" and not args.mtat_dir:
         p.error("--source mtat needs --mtat-dir DIR (the unzipped release with annotations_final.csv)")
     if args.source == "csv" and not (args.csv and args.audio_root):

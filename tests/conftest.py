@@ -17,6 +17,14 @@ TINY_PARTS = {**{p: 3 for p in "0123456789ab"}, "c": 16, **{p: 3 for p in "def"}
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from tagger import audio  # noqa: E402  (after tagger, as above)
+
+# Tests that need tensorflow-io, and the decoders a test runs with: tensorflow-io is skipped, saying
+# why, where it does not load (the current stack).
+needs_tfio = pytest.mark.skipif(audio.tfio_problem() is not None,
+                                reason=f"tensorflow-io does not load here ({audio.tfio_problem()})")
+DECODERS = [pytest.param("tfio", marks=needs_tfio), "soundfile"]
+
 
 def run_cli(module, *args, cwd=ROOT, timeout=600, env=None):
     """Run `python -m module args...` in a fresh process; returns the CompletedProcess."""

@@ -9,18 +9,13 @@ import numpy as np
 import pytest
 from scipy.signal import resample_poly
 
-from conftest import ROOT
+from conftest import DECODERS, ROOT, needs_tfio
 from tagger import audio
 from tagger.audio import AudioError, Stream
 from tagger.export import window_starts
 from tagger.predict import track_windows
 
 FIXTURE_MP3 = os.path.join(ROOT, "tests", "fixtures", "tone.mp3")
-TFIO = pytest.param("tfio", marks=pytest.mark.skipif(
-    audio.tfio_problem() is not None, reason=f"tensorflow-io does not load here ({audio.tfio_problem()})"))
-DECODERS = [TFIO, "soundfile"]
-needs_both = pytest.mark.skipif(audio.tfio_problem() is not None,
-                                reason=f"compares with tensorflow-io, which does not load here ({audio.tfio_problem()})")
 HALF_A_16_BIT_STEP = 0.5 / 32768
 
 
@@ -93,7 +88,7 @@ def test_compressed_blocks_equal_the_whole_decode(tmp_path, fmt, decoder):
     np.testing.assert_allclose(np.concatenate(blocks), reference, atol=2e-6)
 
 
-@needs_both
+@needs_tfio
 @pytest.mark.parametrize("fmt, subtype", [("WAV", "PCM_16"), ("WAV", "PCM_24"), ("WAV", "FLOAT"), ("FLAC", "PCM_16"),
                                           ("FLAC", "PCM_24"), ("OGG", "VORBIS")])
 def test_both_decoders_give_the_same_samples(tmp_path, fmt, subtype):
@@ -111,7 +106,7 @@ def test_both_decoders_give_the_same_samples(tmp_path, fmt, subtype):
                                np.concatenate(list(Stream(path, decoder="soundfile"))), rtol=0, atol=2 ** -22)
 
 
-@needs_both
+@needs_tfio
 @pytest.mark.parametrize("source", ["fixture", "stereo44k"])
 def test_mp3_decoders_agree_within_half_a_16_bit_step(tmp_path, source):
     """libmpg123 (soundfile) and tensorflow-io's mp3 decoder: the same length (gapless, with the LAME

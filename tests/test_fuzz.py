@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from tagger import audio, prepare
+from conftest import DECODERS
+from tagger import prepare
 
 FORMATS = {"wav": "WAV", "flac": "FLAC", "ogg": "OGG", "mp3": "MP3"}
 SECONDS = 2.0
@@ -38,9 +39,7 @@ def _damaged(kind, ext, good, rng):
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("decoder", [pytest.param("tfio", marks=pytest.mark.skipif(
-    audio.tfio_problem() is not None, reason=f"tensorflow-io does not load here ({audio.tfio_problem()})")),
-    "soundfile"])
+@pytest.mark.parametrize("decoder", DECODERS)
 def test_fifty_damaged_files_among_good_ones(tmp_path, decoder):
     rng = np.random.default_rng(7)
     release, out = tmp_path / "release", tmp_path / "out"

@@ -9,8 +9,7 @@ import wave
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY_SAMPLES, run_cli
-from tagger import audio
+from conftest import DECODERS, ROOT, TINY_SAMPLES, needs_tfio, run_cli
 from tagger.export import window_starts
 
 FIXTURE_MP3 = os.path.join(ROOT, "tests", "fixtures", "tone.mp3")
@@ -109,7 +108,7 @@ def test_top_k_and_threshold_filter_every_format(crnn_run, music):
         assert [part.rsplit(" ", 1)[0] for part in table.split("s)  ")[1].strip().split(", ")] == [t for t, _ in expected]
 
 
-@pytest.mark.skipif(audio.tfio_problem() is not None, reason="compares with tensorflow-io, which does not load here")
+@needs_tfio
 def test_both_decoders_tag_alike(crnn_run, music):
     """Every kind of file (mp3, 44.1 kHz stereo, 16 kHz, 3 minutes) tags the same with either decoder."""
     model = crnn_run[0] / "models" / "crnn"
@@ -239,8 +238,7 @@ def test_decoding_ahead_keeps_order_and_hands_over_its_errors():
     assert got == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("decoder", [pytest.param("tfio", marks=pytest.mark.skipif(
-    audio.tfio_problem() is not None, reason="tensorflow-io does not load here")), "soundfile"])
+@pytest.mark.parametrize("decoder", DECODERS)
 def test_a_file_that_fails_midway_loses_its_windows_and_no_other(tmp_path, decoder):
     """A WAV whose data stops at half of what its header says fails after some of its windows were
     decoded and batched with other files' (the decoder runs ahead in a thread): its windows are dropped,

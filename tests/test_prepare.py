@@ -9,13 +9,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, SHARED_ANNOTATIONS, TINY_SAMPLES, run_cli
+from conftest import DECODERS, ROOT, SHARED_ANNOTATIONS, TINY_SAMPLES, run_cli
 from tagger import audio, data, demo, prepare
 from tagger.pool import run_tasks
 
 FIXTURE_MP3 = os.path.join(ROOT, "tests", "fixtures", "tone.mp3")
-TFIO = pytest.param("tfio", marks=pytest.mark.skipif(
-    audio.tfio_problem() is not None, reason=f"tensorflow-io does not load here ({audio.tfio_problem()})"))
 CLIP_SECONDS = 2.0
 CLIP = 32000
 
@@ -85,7 +83,7 @@ def _prepare(release, out, *extra):
                          "--clip-seconds", str(CLIP_SECONDS), "--workers", "2", *extra])
 
 
-@pytest.mark.parametrize("decoder", [TFIO, "soundfile"])
+@pytest.mark.parametrize("decoder", DECODERS)
 def test_round_trip_and_bad_files(messy_release, tmp_path, capsys, decoder):
     release, exact, good, bad = messy_release
     assert _prepare(release, tmp_path / "out", "--decoder", decoder) == 0
