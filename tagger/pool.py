@@ -10,7 +10,10 @@ from multiprocessing.connection import wait
 
 def _serve(conn, func):
     while True:
-        task = conn.recv()
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):   # the parent is gone (killed): nothing left to do, nothing to say
+            return
         if task is None:
             return
         index, args = task

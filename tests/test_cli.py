@@ -17,9 +17,9 @@ from tagger.cli import Progress, plural
 
 # The flags that have no default value (an output not written, a filter not applied, a start not given).
 NO_DEFAULT = {"--json", "--peer", "--embeddings", "--plot", "--threshold", "--audio-root", "--csv", "--mtat-dir",
-              "--freeze", "--init", "--stop-after"}
+              "--freeze", "--init", "--stop-after", "--list", "--labels", "--max-miss", "--max-fdr", "--confidence"}
 COMMANDS = ("tagger.train", "tagger.predict", "tagger.evaluate", "tagger.prepare", "tagger.experiments",
-            "tagger.bench", "tagger.convert", "tuning.search")
+            "tagger.bench", "tagger.convert", "tagger.embed", "tagger.probe", "tuning.search")
 
 
 def _parsers(module, monkeypatch):
@@ -53,7 +53,7 @@ def test_every_flag_has_a_help_line_that_shows_its_default(module, monkeypatch):
                 assert "default" in shown, f"{parser.prog} {action.option_strings[0]}: {shown}"
                 # "none" only where there is no default: not where a preset or a rule applies
                 assert not shown.endswith("(default: none)") or action.option_strings[0] in NO_DEFAULT, shown
-    sub = ["zoo"] if module == "tagger.experiments" else []
+    sub = {"tagger.experiments": ["zoo"], "tagger.probe": ["suggest"]}.get(module, [])
     text = subprocess.run([sys.executable, "-m", module, *sub, "--help"], capture_output=True, text=True,
                           cwd=ROOT).stdout
     assert "(default: " in text
