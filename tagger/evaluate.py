@@ -302,17 +302,6 @@ def parse_args(argv):
     return args
 
 
-def read_local_manifest(data_dir):
-    """The data's manifest without TensorFlow where the folder is local (None for gs://)."""
-    if files.is_remote(data_dir):
-        return None
-    path = os.path.join(data_dir, "manifest.json")
-    if not os.path.isfile(path):
-        raise UsageError(f"no manifest.json in {data_dir}: prepare the data with python -m tagger.prepare, or "
-                         "pass --data")
-    return json.loads(files.read_text(path))
-
-
 def chosen_on(thresholds, pred, data_dir, split):
     """Whether any of the predicted clips is one the thresholds were chosen on (thresholds recorded
     before clip keys existed: the same data folder and split)."""
@@ -348,7 +337,7 @@ def run(args):
         raise UsageError(f"{model_dir} records no training data (a converted model): pass --data, TFRecords "
                          "prepared with its tags")
     mapping = None
-    local = read_local_manifest(data_dir)
+    local = files.read_local_manifest(data_dir)
     if args.tag_map:
         from tagger import tagmap
         known = set(config.get("tags", [])) | set((local or {}).get("tags", []))

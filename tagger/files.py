@@ -94,6 +94,22 @@ def read_text(path):
     return read_bytes(path).decode("utf-8")
 
 
+def read_local_manifest(data_dir):
+    """A TFRecords folder's manifest.json, read without TensorFlow, so a command refuses a folder that is
+    not one before TensorFlow loads; None for a remote folder (read once TensorFlow has loaded)."""
+    import json
+    if is_remote(data_dir):
+        return None
+    path = os.path.join(data_dir, "manifest.json")
+    if not os.path.isfile(path):
+        raise UsageError(f"--data {data_dir} is not a TFRecords folder from tagger.prepare (no manifest.json "
+                         "there): prepare it first, or check the path")
+    try:
+        return json.loads(read_text(path))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path} cannot be read ({e}): prepare the data again") from None
+
+
 def csv_text(rows):
     """Rows (lists) as CSV text, for write_text."""
     import csv

@@ -211,17 +211,9 @@ def check_data_folder(cfg):
     """--data must be a finished tagger.prepare output (the demo is made when missing) with clips in
     every split: one line, exit 2. A local folder is read here, before TensorFlow loads; a remote one
     by check_splits once it has."""
-    if cfg.demo or files.is_remote(cfg.data):
-        return
-    path = f"{cfg.data}/manifest.json"
-    if not os.path.isfile(path):
-        raise UsageError(f"--data {cfg.data} is not a TFRecords folder from tagger.prepare (no "
-                         "manifest.json there): prepare it first, or check the path")
-    try:
-        manifest = json.loads(files.read_text(path))
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{path} cannot be read ({e}): prepare the data again") from None
-    check_splits(cfg.data, manifest)
+    manifest = None if cfg.demo else files.read_local_manifest(cfg.data)
+    if manifest is not None:
+        check_splits(cfg.data, manifest)
 
 
 def check_splits(data, manifest):
